@@ -1,0 +1,587 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Lifecycle of every TCP socket: who opened it (connect, listen, accept),
+ * every state transition, and how it ended, with the kernel's own counters.
+ *
+ * One record per opening and one per close go to user space through the ring
+ * buffer; state transitions are only counted here. Per-socket state lives in
+ * an LRU hash keyed by the sock's address. An iter/tcp program dumps the same
+ * record shape for every live socket so user space can seed and reconcile its
+ * tables without a second decoder.
+ *
+ * Hooks come in thin variants (tp_btf, raw_tp, classic tracepoint; fentry or
+ * kprobe where the kernel has them) around one static handler each. User space
+ * turns the losing variants off with bpf_program__set_autoload() after probing.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "sockwatch.h"
+#include "maps.bpf.h"
+#include "core_fixes.bpf.h"
+
+#define AF_INET		2
+#define AF_INET6	10
+#define IPPROTO_TCP	6
+
+#define EPIPE		32
+#define ENETUNREACH	101
+#define ECONNRESET	104
+#define ETIMEDOUT	110
+#define ECONNREFUSED	111
+#define EHOSTUNREACH	113
+
+/*
+ * States are range-checked once, but clang may index with an unchecked copy of
+ * the register and drops a plain mask it can prove redundant; hiding the value
+ * behind barrier_var() first keeps the bound visible to the verifier.
+ */
+static __always_inline __u32 state_slot(__u32 state)
+{
+	barrier_var(state);
+	return state & 0xf;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Test-only switch: drop CLOSE records to prove reconciliation repairs them. */
+const volatile bool suppress_close = false;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);	/* user space sets the configured size */
+	__type(key, __u64);		/* struct sock * */
+	__type(value, struct sw_sock);
+} socks SEC(".maps");
+
+/* Owner of each listening port, for accepted sockets no task ever touched. */
+struct listen_key {
+	__u32 netns;
+	__u16 port;
+	__u16 __pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct listen_key);
+	__type(value, struct sw_sock);
+} listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);	/* user space sets the configured size */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SW_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SW_TRANSITIONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} transitions SEC(".maps");
+
+/* Scratch record for the iterator: too large for the 512-byte stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sw_event);
+} scratch SEC(".maps");
+
+static __always_inline __u64 sock_ino(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+}
+
+static __always_inline __u32 sock_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* Make the current task the owner of @s. */
+static __always_inline void set_owner(struct sw_sock *s, const struct sock *sk, __u8 attrib)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	s->tgid = id >> 32;
+	s->tid = (__u32)id;
+	s->attrib = attrib;
+	bpf_get_current_comm(s->comm, sizeof(s->comm));
+	if (!s->ino)
+		s->ino = sock_ino(sk);
+}
+
+/* Start tracking @sk; returns the new entry, or NULL when the map is full. */
+static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, __u8 attrib,
+					     int state, __u64 now)
+{
+	__u64 key = (__u64)sk;
+	struct sw_sock fresh = {};
+
+	fresh.role = role;
+	fresh.fd = -1;
+	fresh.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	fresh.uid = BPF_CORE_READ(sk, sk_uid.val);
+	if (state > 0 && state < SW_TCP_STATES)
+		fresh.state_ns[state_slot(state)] = now;
+	if (attrib)
+		set_owner(&fresh, sk, attrib);
+	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
+		percpu_inc(&stats, SW_STAT_SOCKS_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&socks, &key);
+}
+
+/* Fill everything but the kind from @s (may be NULL) and the sock itself. */
+static __always_inline void build_event(struct sw_event *e, const struct sw_sock *s,
+					const struct sock *sk, __u64 now)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	__builtin_memset(e, 0, sizeof(*e));
+	if (s) {
+		__builtin_memcpy(&e->sock, s, sizeof(*s));
+	} else {
+		e->sock.fd = -1;
+		e->sock.ino = sock_ino(sk);
+		e->sock.uid = BPF_CORE_READ(sk, sk_uid.val);
+	}
+	e->ts_ns = now;
+	e->skaddr = (__u64)sk;
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (e->family == AF_INET) {
+		bpf_core_read(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(e->daddr, 4, &sk->__sk_common.skc_daddr);
+	} else {
+		bpf_core_read(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(e->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+	e->netns = sock_netns(sk);
+	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+	e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+	e->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
+	e->bytes_retrans = BPF_CORE_READ(tp, bytes_retrans);
+	e->peer_fin = !!(BPF_CORE_READ(sk, __sk_common.skc_flags) &
+			 (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE)));
+	/* The local port is released before TCP_CLOSE: use the one we kept. */
+	if (!e->sport && s)
+		e->sport = s->lport;
+	e->segs_out = BPF_CORE_READ(tp, segs_out);
+	e->segs_in = BPF_CORE_READ(tp, segs_in);
+	e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	e->listen_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+}
+
+/* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
+static __always_inline void emit(struct sw_sock *s, const struct sock *sk, __u8 kind,
+				 __u8 result, int oldstate, int newstate, __u64 now)
+{
+	struct sw_event *e;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+		return;
+	}
+	build_event(e, s, sk, now);
+	if (kind == SW_KIND_OPEN && s)
+		s->lport = e->sport;
+	e->kind = kind;
+	e->result = result;
+	e->oldstate = oldstate;
+	e->state = newstate;
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+/* A task has shown it owns accepted socket @s: attribute it and announce it. */
+static __always_inline void claim_accepted(struct sw_sock *s, const struct sock *sk,
+					   __u8 attrib, __u64 now)
+{
+	if (s->role != SW_ROLE_SERVER || (s->flags & SW_FLAG_OPEN_SENT))
+		return;
+	set_owner(s, sk, attrib);
+	s->flags |= SW_FLAG_OPEN_SENT;
+	emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
+}
+
+static __always_inline __u8 classify_close(const struct sock *sk, int oldstate)
+{
+	int err = BPF_CORE_READ(sk, sk_err);
+
+	if (oldstate == TCP_SYN_SENT) {
+		switch (err) {
+		case 0:
+			return SW_RESULT_ABORTED;
+		case ECONNREFUSED:
+			return SW_RESULT_REFUSED;
+		case ETIMEDOUT:
+			return SW_RESULT_TIMEOUT;
+		case EHOSTUNREACH:
+		case ENETUNREACH:
+			return SW_RESULT_UNREACHABLE;
+		default:
+			return SW_RESULT_ERROR;
+		}
+	}
+	switch (err) {
+	case 0:
+		return SW_RESULT_OK;
+	case ECONNRESET:
+	case EPIPE:
+		return SW_RESULT_RESET;
+	case ETIMEDOUT:
+		return SW_RESULT_TIMEOUT;
+	default:
+		return SW_RESULT_ERROR;
+	}
+}
+
+static __always_inline void remember_listener(const struct sock *sk, const struct sw_sock *s)
+{
+	struct listen_key key = {
+		.netns = sock_netns(sk),
+		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+	};
+
+	bpf_map_update_elem(&listeners, &key, s, BPF_ANY);
+}
+
+/* Give an accepted socket its listener's owner until a task claims it. */
+static __always_inline void inherit_listener(struct sw_sock *s, const struct sock *sk)
+{
+	struct listen_key key = {
+		.netns = sock_netns(sk),
+		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+	};
+	struct sw_sock *l = bpf_map_lookup_elem(&listeners, &key);
+
+	if (!l)
+		return;
+	s->tgid = l->tgid;
+	s->tid = l->tid;
+	s->attrib = SW_ATTRIB_LISTENER;
+	__builtin_memcpy(s->comm, l->comm, sizeof(s->comm));
+}
+
+static __always_inline int handle_set_state(const struct sock *sk, int oldstate, int newstate)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 key = (__u64)sk;
+	struct sw_sock *s;
+
+	if (oldstate <= 0 || oldstate >= SW_TCP_STATES || newstate <= 0 ||
+	    newstate >= SW_TCP_STATES)
+		return 0;
+	percpu_inc(&transitions, oldstate * SW_TCP_STATES + newstate);
+
+	switch (newstate) {
+	case TCP_SYN_SENT:
+		/* CLOSE->SYN_SENT runs in connect(), in the connecting task. */
+		s = bpf_map_lookup_elem(&socks, &key);
+		if (s)
+			s->state_ns[TCP_SYN_SENT] = now;
+		else
+			track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, newstate, now);
+		return 0;
+	case TCP_LISTEN:
+		/* CLOSE->LISTEN runs in listen(), in the listening task. */
+		s = track(sk, SW_ROLE_LISTENER, SW_ATTRIB_LISTEN, newstate, now);
+		if (!s)
+			return 0;
+		remember_listener(sk, s);
+		s->flags |= SW_FLAG_OPEN_SENT;
+		emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+		return 0;
+	case TCP_SYN_RECV:
+		/* LISTEN->SYN_RECV: the child sock is cloned in softirq; no owner yet. */
+		s = track(sk, SW_ROLE_SERVER, SW_ATTRIB_NONE, newstate, now);
+		if (s)
+			inherit_listener(s, sk);
+		return 0;
+	}
+
+	s = bpf_map_lookup_elem(&socks, &key);
+	if (!s) {
+		/* Predates sockwatch or was evicted: still tell user space it is gone. */
+		if (newstate == TCP_CLOSE) {
+			percpu_inc(&stats, SW_STAT_UNTRACKED_CLOSE);
+			if (!suppress_close)
+				emit(NULL, sk, SW_KIND_CLOSE, classify_close(sk, oldstate),
+				     oldstate, newstate, now);
+		}
+		return 0;
+	}
+	if (!s->state_ns[state_slot(newstate)])
+		s->state_ns[state_slot(newstate)] = now;
+
+	switch (newstate) {
+	case TCP_ESTABLISHED:
+		/* Clients are announced once the 4-tuple is complete. */
+		if (s->role == SW_ROLE_CLIENT) {
+			s->flags |= SW_FLAG_OPEN_SENT;
+			emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+		}
+		return 0;
+	case TCP_FIN_WAIT1:
+	case TCP_LAST_ACK:
+		/* Only close()/shutdown() make these transitions: process context. */
+		claim_accepted(s, sk, SW_ATTRIB_CLOSE, now);
+		return 0;
+	case TCP_CLOSE:
+		if (suppress_close)
+			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
+		else
+			emit(s, sk, SW_KIND_CLOSE, classify_close(sk, oldstate), oldstate,
+			     newstate, now);
+		bpf_map_delete_elem(&socks, &key);
+		if (s->role == SW_ROLE_LISTENER) {
+			struct listen_key lkey = {
+				.netns = sock_netns(sk),
+				.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+			};
+			bpf_map_delete_elem(&listeners, &lkey);
+		}
+		return 0;
+	}
+	return 0;
+}
+
+/*
+ * sock:inet_sock_set_state fires for every TCP state change, in connect() and
+ * listen() for the opening transitions and in softirq for the handshake. It is
+ * the portable hook for connect as well: CLOSE->SYN_SENT runs in the connecting
+ * task just before tcp_connect().
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
+{
+	if (sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	return handle_set_state(sk, oldstate, newstate);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
+{
+	if (sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	return handle_set_state(sk, oldstate, newstate);
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int set_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	return handle_set_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+}
+
+/*
+ * tcp_connect() sends the SYN once the source port is bound: the preferred hook
+ * where fentry or kprobes exist. It only makes sure the socket is tracked; the
+ * state hook above covers kernels without either.
+ */
+static __always_inline int handle_connect(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+
+	if (!bpf_map_lookup_elem(&socks, &key))
+		track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, TCP_SYN_SENT, bpf_ktime_get_ns());
+	return 0;
+}
+
+SEC("fentry/tcp_connect")
+int BPF_PROG(connect_fentry, struct sock *sk)
+{
+	return handle_connect(sk);
+}
+
+SEC("kprobe/tcp_connect")
+int BPF_KPROBE(connect_kprobe, struct sock *sk)
+{
+	return handle_connect(sk);
+}
+
+/*
+ * Accept. inet_csk_accept() returns the child sock in the accepting task: the
+ * preferred hook (fexit, else kretprobe). Without either, the accept syscall
+ * exit gives the task and the fd exactly, but a syscall tracepoint puts every
+ * syscall of every task on the slow path, so it is opt-in ("precise accept").
+ * The default claims the socket at its first send or receive, or at close(),
+ * all of which run in the owning task (see the sock_*_length hooks below).
+ */
+static __always_inline int handle_accept(const struct sock *sk, int fd)
+{
+	__u64 key = (__u64)sk;
+	struct sw_sock *s;
+
+	if (!sk)
+		return 0;
+	s = bpf_map_lookup_elem(&socks, &key);
+	if (!s)
+		return 0;
+	if (fd >= 0)
+		s->fd = fd;
+	claim_accepted(s, sk, SW_ATTRIB_ACCEPT, bpf_ktime_get_ns());
+	return 0;
+}
+
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(accept_fexit)
+{
+	__u64 ret = 0;
+
+	/* The argument list changed in v6.10; bpf_get_func_ret() does not care. */
+	bpf_get_func_ret(ctx, &ret);
+	return handle_accept((const struct sock *)ret, -1);
+}
+
+SEC("kretprobe/inet_csk_accept")
+int BPF_KRETPROBE(accept_kretprobe, struct sock *ret)
+{
+	return handle_accept(ret, -1);
+}
+
+/* The sock behind file descriptor @fd of the current task. */
+static __always_inline const struct sock *sock_of_fd(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct socket *sock;
+	struct file *file = NULL;
+
+	if (fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	bpf_core_read(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	return BPF_CORE_READ(sock, sk);
+}
+
+/* Syscall numbers are per architecture; these are x86_64's. */
+#define NR_ACCEPT	43
+#define NR_ACCEPT4	288
+
+static __always_inline int handle_sys_exit(long id, long ret)
+{
+	if ((id != NR_ACCEPT && id != NR_ACCEPT4) || ret < 0)
+		return 0;
+	return handle_accept(sock_of_fd(ret), ret);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(accept_sys_btf, struct pt_regs *regs, long ret)
+{
+	return handle_sys_exit(BPF_CORE_READ(regs, orig_ax), ret);
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(accept_sys_raw, struct pt_regs *regs, long ret)
+{
+	return handle_sys_exit(BPF_CORE_READ(regs, orig_ax), ret);
+}
+
+SEC("tp/raw_syscalls/sys_exit")
+int accept_sys_tp(struct trace_event_raw_sys_exit *ctx)
+{
+	return handle_sys_exit(ctx->id, ctx->ret);
+}
+
+/*
+ * sock:sock_send_length and sock:sock_recv_length fire at the end of every
+ * sendmsg/recvmsg on any socket, in the calling task. They only fire for socket
+ * I/O (not every syscall), and a TCP socket's first one after accept() names
+ * its owner: the default accept attribution. One map lookup per TCP call.
+ */
+static __always_inline int handle_io(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
+
+	if (s)
+		claim_accepted(s, sk, SW_ATTRIB_FIRST_IO, bpf_ktime_get_ns());
+	return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(send_btf, struct sock *sk, int ret, int flags)
+{
+	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+}
+
+SEC("raw_tp/sock_send_length")
+int BPF_PROG(send_raw, struct sock *sk, int ret, int flags)
+{
+	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+}
+
+SEC("tp/sock/sock_send_length")
+int send_tp(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP ? handle_io(ctx->sk) : 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(recv_btf, struct sock *sk, int ret, int flags)
+{
+	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+}
+
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(recv_raw, struct sock *sk, int ret, int flags)
+{
+	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+}
+
+SEC("tp/sock/sock_recv_length")
+int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP ? handle_io(ctx->sk) : 0;
+}
+
+/*
+ * iter/tcp walks every TCP socket of the reader's network namespace. One record
+ * per full socket (TIME_WAIT and request socks are skipped), joined with what
+ * the socks map knows: the start-up seed and the periodic reconciliation.
+ */
+SEC("iter/tcp")
+int dump_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+	struct sw_event *e;
+	struct sw_sock *s;
+	__u32 zero = 0;
+	__u64 key;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	e = bpf_map_lookup_elem(&scratch, &zero);
+	if (!e)
+		return 0;
+	key = (__u64)tp;
+	s = bpf_map_lookup_elem(&socks, &key);
+	build_event(e, s, (const struct sock *)tp, bpf_ktime_get_ns());
+	e->kind = SW_KIND_SNAPSHOT;
+	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
+	return 0;
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Records that cross from the kernel into user space. sockwatch/records.py
+ * mirrors these structs and is checked against this object's BTF at load time
+ * and in the tests, so the two sides cannot drift. Fixed-width fields, largest
+ * first, explicit padding.
+ */
+#ifndef __SOCKWATCH_H
+#define __SOCKWATCH_H
+
+#define SW_COMM_LEN	16
+/* TCP states are 1..13 (TCP_ESTABLISHED..TCP_BOUND_INACTIVE); slot 0 is unused. */
+#define SW_TCP_STATES	14
+/* Transition counters are indexed old * SW_TCP_STATES + new. */
+#define SW_TRANSITIONS	(SW_TCP_STATES * SW_TCP_STATES)
+
+enum sw_kind {
+	SW_KIND_OPEN = 1,	/* a connection or listener became visible to its owner */
+	SW_KIND_CLOSE = 2,	/* the socket reached TCP_CLOSE; carries final counters */
+	SW_KIND_SNAPSHOT = 3,	/* one row of the iter/tcp dump (seed and reconcile) */
+};
+
+enum sw_role {
+	SW_ROLE_UNKNOWN = 0,	/* predates sockwatch: seen only in a snapshot */
+	SW_ROLE_CLIENT = 1,
+	SW_ROLE_SERVER = 2,
+	SW_ROLE_LISTENER = 3,
+};
+
+enum sw_result {
+	SW_RESULT_OK = 0,
+	SW_RESULT_REFUSED = 1,		/* RST answered our SYN (ECONNREFUSED) */
+	SW_RESULT_TIMEOUT = 2,		/* retransmissions exhausted (ETIMEDOUT) */
+	SW_RESULT_RESET = 3,		/* established, then reset by the peer */
+	SW_RESULT_ABORTED = 4,		/* closed by its owner while still in SYN_SENT */
+	SW_RESULT_UNREACHABLE = 5,	/* ICMP host/net unreachable during connect */
+	SW_RESULT_ERROR = 6,		/* any other socket error */
+};
+
+/* How the owning task of a socket was learned. */
+enum sw_attrib {
+	SW_ATTRIB_NONE = 0,
+	SW_ATTRIB_CONNECT = 1,		/* CLOSE->SYN_SENT or tcp_connect, in connect() */
+	SW_ATTRIB_LISTEN = 2,		/* CLOSE->LISTEN, in listen() */
+	SW_ATTRIB_ACCEPT = 3,		/* inet_csk_accept return or accept syscall exit */
+	SW_ATTRIB_FIRST_IO = 4,		/* first send/recv by a task on an accepted socket */
+	SW_ATTRIB_CLOSE = 5,		/* close()/shutdown() by a task on an accepted socket */
+	SW_ATTRIB_LISTENER = 6,		/* never used by a task: owner of its listener */
+};
+
+/* Counters of everything the kernel side could not deliver or keep. */
+enum sw_stat {
+	SW_STAT_RINGBUF_FULL = 0,	/* record lost: ring buffer reservation failed */
+	SW_STAT_SOCKS_FULL = 1,		/* socket not tracked: socks map update failed */
+	SW_STAT_UNTRACKED_CLOSE = 2,	/* close of a socket with no socks entry */
+	SW_STAT_SUPPRESSED_CLOSE = 3,	/* close record dropped on purpose (test switch) */
+	SW_STAT_MAX = 4,
+};
+
+#define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */
+
+/* What the kernel keeps per socket (value of the socks LRU map). */
+struct sw_sock {
+	__u64 state_ns[SW_TCP_STATES];	/* first entry into each state, CLOCK_MONOTONIC */
+	__u64 ino;			/* socket inode, as /proc/<pid>/fd shows socket:[ino] */
+	__u32 tgid;			/* owning process; 0 while unknown */
+	__u32 tid;
+	__s32 fd;			/* -1 unless a syscall hook saw it */
+	__u32 uid;
+	__u16 lport;			/* local port, kept: it is released before TCP_CLOSE */
+	__u8 role;			/* enum sw_role */
+	__u8 attrib;			/* enum sw_attrib */
+	__u8 flags;			/* SW_FLAG_* */
+	__u8 __pad[3];
+	char comm[SW_COMM_LEN];		/* captured at the event: short-lived tasks stay named */
+};
+
+/* One record: OPEN, CLOSE or SNAPSHOT. */
+struct sw_event {
+	struct sw_sock sock;
+	__u64 ts_ns;			/* when the record was made, CLOCK_MONOTONIC */
+	__u64 skaddr;			/* kernel address of the sock: identity while it lives */
+	/*
+	 * The kernel's own counters, as tcp_info reports them. bytes_acked and
+	 * bytes_received count sequence space, so they include SYN and FIN;
+	 * payload is bytes_sent - bytes_retrans and bytes_received - peer_fin.
+	 */
+	__u64 bytes_acked;		/* tcpi_bytes_acked */
+	__u64 bytes_received;		/* tcpi_bytes_received */
+	__u64 bytes_sent;		/* tcpi_bytes_sent: payload incl. retransmissions */
+	__u64 bytes_retrans;		/* tcpi_bytes_retrans */
+	__u32 segs_out;
+	__u32 segs_in;
+	__u32 total_retrans;
+	__u32 srtt_us;			/* smoothed RTT in microseconds */
+	__u32 netns;			/* network namespace inode */
+	__u32 listen_backlog;		/* listeners: sk_max_ack_backlog */
+	__u8 saddr[16];			/* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__u16 family;			/* AF_INET or AF_INET6 */
+	__u16 sport;			/* host byte order */
+	__u16 dport;			/* host byte order */
+	__u8 kind;			/* enum sw_kind */
+	__u8 result;			/* enum sw_result (CLOSE) */
+	__u8 state;			/* state after the event */
+	__u8 oldstate;			/* state before it (CLOSE: the last live state) */
+	__u8 peer_fin;			/* the peer's FIN arrived (SOCK_DONE) */
+	__u8 __pad[5];
+};
+
+#endif /* __SOCKWATCH_H */

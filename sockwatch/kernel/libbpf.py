@@ -1,0 +1,370 @@
+"""A small typed binding to libbpf (libbpf.so.1) through ctypes.
+
+This is the only module that knows libbpf exists. It wraps just what the
+loader needs: open an object, choose programs, size maps, set read-only
+settings, load, attach, read maps, the ring buffer and iterators. Errors come
+back as :class:`LibbpfError` carrying libbpf's own log lines, so a verifier
+rejection names the program and shows the relevant part of the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from sockwatch.errors import SockwatchError
+
+_c = ctypes
+_vp = _c.c_void_p
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_DATASEC = 15
+
+
+class LibbpfError(SockwatchError):
+    """A libbpf call failed; ``log`` holds what libbpf printed meanwhile."""
+
+    def __init__(self, message: str, err: int = 0, log: list[str] | None = None):
+        super().__init__(message)
+        self.err = err
+        self.log = log or []
+
+
+class _BtfType(_c.Structure):
+    _fields_ = [("name_off", _c.c_uint32), ("info", _c.c_uint32), ("size", _c.c_uint32)]
+
+
+class _BtfMember(_c.Structure):
+    _fields_ = [("name_off", _c.c_uint32), ("type", _c.c_uint32), ("offset", _c.c_uint32)]
+
+
+class _BtfVarSecinfo(_c.Structure):
+    _fields_ = [("type", _c.c_uint32), ("offset", _c.c_uint32), ("size", _c.c_uint32)]
+
+
+_PRINT_FN = _c.CFUNCTYPE(_c.c_int, _c.c_int, _c.c_char_p, _vp)
+_SAMPLE_FN = _c.CFUNCTYPE(_c.c_int, _vp, _vp, _c.c_size_t)
+
+_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    "bpf_object__open_file": (_vp, [_c.c_char_p, _vp]),
+    "bpf_object__load": (_c.c_int, [_vp]),
+    "bpf_object__close": (None, [_vp]),
+    "bpf_object__btf": (_vp, [_vp]),
+    "bpf_object__find_program_by_name": (_vp, [_vp, _c.c_char_p]),
+    "bpf_object__next_program": (_vp, [_vp, _vp]),
+    "bpf_object__find_map_by_name": (_vp, [_vp, _c.c_char_p]),
+    "bpf_program__name": (_c.c_char_p, [_vp]),
+    "bpf_program__set_autoload": (_c.c_int, [_vp, _c.c_bool]),
+    "bpf_program__attach": (_vp, [_vp]),
+    "bpf_map__fd": (_c.c_int, [_vp]),
+    "bpf_map__set_max_entries": (_c.c_int, [_vp, _c.c_uint32]),
+    "bpf_map__max_entries": (_c.c_uint32, [_vp]),
+    "bpf_map__value_size": (_c.c_uint32, [_vp]),
+    "bpf_map__initial_value": (_vp, [_vp, _c.POINTER(_c.c_size_t)]),
+    "bpf_link__destroy": (_c.c_int, [_vp]),
+    "bpf_link__fd": (_c.c_int, [_vp]),
+    "bpf_iter_create": (_c.c_int, [_c.c_int]),
+    "bpf_map_lookup_elem": (_c.c_int, [_c.c_int, _vp, _vp]),
+    "libbpf_get_error": (_c.c_long, [_vp]),
+    "libbpf_num_possible_cpus": (_c.c_int, []),
+    "libbpf_set_print": (_vp, [_PRINT_FN]),
+    "btf__find_by_name_kind": (_c.c_int32, [_vp, _c.c_char_p, _c.c_uint32]),
+    "btf__type_by_id": (_c.POINTER(_BtfType), [_vp, _c.c_uint32]),
+    "btf__name_by_offset": (_c.c_char_p, [_vp, _c.c_uint32]),
+    "btf__resolve_size": (_c.c_int64, [_vp, _c.c_uint32]),
+    "ring_buffer__new": (_vp, [_c.c_int, _SAMPLE_FN, _vp, _vp]),
+    "ring_buffer__consume": (_c.c_int, [_vp]),
+    "ring_buffer__free": (None, [_vp]),
+}
+
+
+class _Lib:
+    """libbpf.so.1 with prototypes declared, and its log routed to a buffer."""
+
+    def __init__(self) -> None:
+        path = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            self.so = _c.CDLL(path, use_errno=True)
+        except OSError as exc:
+            raise SockwatchError(
+                f"cannot load libbpf ({exc}); install it with: apt-get install libbpf1"
+            ) from exc
+        for name, (restype, argtypes) in _PROTOTYPES.items():
+            fn = getattr(self.so, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        libc = _c.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._vsnprintf = libc.vsnprintf
+        self._vsnprintf.argtypes = [_c.c_char_p, _c.c_size_t, _c.c_char_p, _vp]
+        self._lock = threading.Lock()
+        self._log: list[str] = []
+        # One large buffer: a va_list can be read only once, and verifier logs are long.
+        self._buf = _c.create_string_buffer(1 << 20)
+        self._print_cb = _PRINT_FN(self._on_print)  # kept alive for libbpf
+        self.so.libbpf_set_print(self._print_cb)
+
+    def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
+        # x86_64 passes va_list as a pointer to its tag, so vsnprintf can take it as is.
+        with self._lock:
+            self._vsnprintf(self._buf, len(self._buf), fmt, va_list)
+            self._log.append(self._buf.value.decode(errors="replace").rstrip("\n"))
+        return 0
+
+    def take_log(self) -> list[str]:
+        """Everything libbpf printed since the last call (verifier logs included)."""
+        with self._lock:
+            lines, self._log = self._log, []
+        return [ln for chunk in lines for ln in chunk.splitlines()]
+
+
+_lib: _Lib | None = None
+
+
+def lib() -> _Lib:
+    """The process-wide libbpf handle, loaded on first use."""
+    global _lib
+    if _lib is None:
+        _lib = _Lib()
+    return _lib
+
+
+def num_possible_cpus() -> int:
+    return lib().so.libbpf_num_possible_cpus()
+
+
+def _ptr_error(ptr: int | None) -> int:
+    """libbpf 1.x returns NULL and sets errno; older builds encode it in the pointer."""
+    if not ptr:
+        return _c.get_errno() or errno.EINVAL
+    return -lib().so.libbpf_get_error(ptr)
+
+
+@dataclass(frozen=True)
+class StructMember:
+    name: str
+    offset: int  # bytes
+    size: int  # bytes
+
+
+class Link:
+    """An attached program; destroy() detaches it."""
+
+    def __init__(self, ptr: int, program: str):
+        self._ptr: int | None = ptr
+        self.program = program
+
+    @property
+    def fd(self) -> int:
+        assert self._ptr is not None
+        return lib().so.bpf_link__fd(self._ptr)
+
+    def destroy(self) -> None:
+        if self._ptr is not None:
+            lib().so.bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+class BpfObject:
+    """One opened ELF object: choose, size and configure, then load and attach."""
+
+    def __init__(self, path: str):
+        self.path = path
+        L = lib()
+        L.take_log()
+        ptr = L.so.bpf_object__open_file(path.encode(), None)
+        err = _ptr_error(ptr) if not ptr else 0
+        if not ptr or err:
+            raise LibbpfError(
+                f"cannot open BPF object {path}: {os.strerror(err)}", err, L.take_log()
+            )
+        self._ptr: int | None = ptr
+
+    # -- before load -------------------------------------------------------
+    def program_names(self) -> list[str]:
+        names, prog = [], None
+        while True:
+            prog = lib().so.bpf_object__next_program(self._ptr, prog)
+            if not prog:
+                return names
+            names.append(lib().so.bpf_program__name(prog).decode())
+
+    def _program(self, name: str) -> int:
+        prog = lib().so.bpf_object__find_program_by_name(self._ptr, name.encode())
+        if not prog:
+            raise LibbpfError(f"{self.path} has no program {name!r}")
+        return prog
+
+    def _map(self, name: str) -> int:
+        m = lib().so.bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not m:
+            raise LibbpfError(f"{self.path} has no map {name!r}")
+        return m
+
+    def set_autoload(self, program: str, on: bool) -> None:
+        lib().so.bpf_program__set_autoload(self._program(program), on)
+
+    def set_max_entries(self, map_name: str, entries: int) -> None:
+        if lib().so.bpf_map__set_max_entries(self._map(map_name), entries):
+            raise LibbpfError(f"cannot size map {map_name} to {entries}")
+
+    def set_rodata(self, var: str, value: bytes) -> None:
+        """Write a ``const volatile`` setting into .rodata before load."""
+        offset, size = self._datasec_var(".rodata", var)
+        if len(value) != size:
+            raise LibbpfError(f"{var} is {size} bytes in the object, got {len(value)}")
+        sz = _c.c_size_t()
+        base = lib().so.bpf_map__initial_value(self._map(".rodata"), _c.byref(sz))
+        if not base:
+            raise LibbpfError("the object has no .rodata to configure")
+        _c.memmove(base + offset, value, size)
+
+    # -- BTF ---------------------------------------------------------------
+    def _btf(self) -> int:
+        btf = lib().so.bpf_object__btf(self._ptr)
+        if not btf:
+            raise LibbpfError(f"{self.path} carries no BTF; rebuild it with clang -g")
+        return btf
+
+    def _type(self, name: str, kind: int) -> tuple[int, _BtfType]:
+        btf = self._btf()
+        tid = lib().so.btf__find_by_name_kind(btf, name.encode(), kind)
+        if tid < 0:
+            raise LibbpfError(f"{self.path} has no BTF type {name!r}")
+        return btf, lib().so.btf__type_by_id(btf, tid).contents
+
+    def _datasec_var(self, section: str, var: str) -> tuple[int, int]:
+        btf, sec = self._type(section, BTF_KIND_DATASEC)
+        infos = _c.cast(_c.addressof(sec) + _c.sizeof(_BtfType), _c.POINTER(_BtfVarSecinfo))
+        for i in range(sec.info & 0xFFFF):
+            vtype = lib().so.btf__type_by_id(btf, infos[i].type).contents
+            if lib().so.btf__name_by_offset(btf, vtype.name_off).decode() == var:
+                return infos[i].offset, infos[i].size
+        raise LibbpfError(f"{self.path} has no setting {var!r} in {section}")
+
+    def struct_layout(self, name: str) -> tuple[int, list[StructMember]]:
+        """Size and members of ``struct name`` as the object's BTF records them."""
+        btf, st = self._type(name, BTF_KIND_STRUCT)
+        members = _c.cast(_c.addressof(st) + _c.sizeof(_BtfType), _c.POINTER(_BtfMember))
+        out = []
+        for i in range(st.info & 0xFFFF):
+            m = members[i]
+            out.append(
+                StructMember(
+                    lib().so.btf__name_by_offset(btf, m.name_off).decode(),
+                    (m.offset & 0xFFFFFF) // 8,
+                    lib().so.btf__resolve_size(btf, m.type),
+                )
+            )
+        return st.size, out
+
+    # -- load and after ----------------------------------------------------
+    def load(self) -> None:
+        L = lib()
+        L.take_log()
+        rc = L.so.bpf_object__load(self._ptr)
+        if rc:
+            raise LibbpfError(
+                f"the kernel refused {os.path.basename(self.path)}: {os.strerror(-rc)}",
+                -rc,
+                L.take_log(),
+            )
+
+    def attach(self, program: str) -> Link:
+        L = lib()
+        L.take_log()
+        ptr = L.so.bpf_program__attach(self._program(program))
+        err = _ptr_error(ptr)
+        if not ptr or err:
+            raise LibbpfError(
+                f"cannot attach {program}: {os.strerror(err)}", err, L.take_log()
+            )
+        return Link(ptr, program)
+
+    def map_fd(self, name: str) -> int:
+        return lib().so.bpf_map__fd(self._map(name))
+
+    def map_max_entries(self, name: str) -> int:
+        return lib().so.bpf_map__max_entries(self._map(name))
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib().so.bpf_object__close(self._ptr)
+            self._ptr = None
+
+
+def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
+    """Sum each slot of a BPF_MAP_TYPE_PERCPU_ARRAY of __u64 over all CPUs."""
+    ncpu = num_possible_cpus()
+    values = (_c.c_uint64 * ncpu)()
+    key = _c.c_uint32()
+    out = []
+    for i in range(entries):
+        key.value = i
+        if lib().so.bpf_map_lookup_elem(map_fd, _c.byref(key), values):
+            out.append(0)
+        else:
+            out.append(sum(values))
+    return out
+
+
+def read_iterator(link: Link, chunk: int = 1 << 20) -> bytes:
+    """Run a BPF iterator once and return everything it wrote."""
+    fd = lib().so.bpf_iter_create(link.fd)
+    if fd < 0:
+        raise LibbpfError(f"cannot start iterator {link.program}: {os.strerror(-fd)}", -fd)
+    parts = []
+    try:
+        while True:
+            data = os.read(fd, chunk)
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+    finally:
+        os.close(fd)
+
+
+class RingBuffer:
+    """A BPF ring buffer drained on demand: records are copied out as bytes.
+
+    The kernel side submits with BPF_RB_NO_WAKEUP, so nothing here blocks on
+    epoll; the reader calls drain() on a timer and gets a batch back.
+    """
+
+    def __init__(self, map_fd: int):
+        self._batch: list[bytes] = []
+        self._cb = _SAMPLE_FN(self._on_sample)  # kept alive for libbpf
+        ptr = lib().so.ring_buffer__new(map_fd, self._cb, None, None)
+        if not ptr:
+            raise LibbpfError("cannot set up the ring buffer", _c.get_errno())
+        self._ptr: int | None = ptr
+
+    def _on_sample(self, _ctx: int, data: int, size: int) -> int:
+        self._batch.append(_c.string_at(data, size))
+        return 0
+
+    def drain(self) -> list[bytes]:
+        """Every record submitted so far, in submission order."""
+        assert self._ptr is not None
+        rc = lib().so.ring_buffer__consume(self._ptr)
+        if rc < 0:
+            raise LibbpfError(f"ring buffer read failed: {os.strerror(-rc)}", -rc)
+        batch, self._batch = self._batch, []
+        return batch
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            lib().so.ring_buffer__free(self._ptr)
+            self._ptr = None
+
+
+def iter_records(data: bytes, size: int) -> Iterator[memoryview]:
+    """Split an iterator dump into fixed-size records."""
+    view = memoryview(data)
+    for off in range(0, len(data) - size + 1, size):
+        yield view[off : off + size]
+

@@ -1,0 +1,263 @@
+"""Open the BPF objects, pick the best variant of every hook, attach, expose.
+
+Choice per hook, best first (``--attach`` forces one flavour):
+
+- state transitions: tp_btf, raw_tp, classic tracepoint (essential);
+- connect: fentry or kprobe on tcp_connect, else the CLOSE->SYN_SENT transition
+  already seen by the state hook (it runs in connect(), in the caller);
+- accept: fexit or kretprobe on inet_csk_accept; else, opt-in, the accept
+  syscall exit (exact fd, but taxes every syscall on the host); else the first
+  send/recv or close() on the accepted socket, in the owning task;
+- snapshot: iter/tcp (essential: seed and reconciliation).
+
+Everything attached is detached again if any essential step fails, so a
+failed start leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sockwatch import records
+from sockwatch.errors import AttachError, BpfObjectError
+from sockwatch.kernel import features as feat
+from sockwatch.kernel.libbpf import (
+    BpfObject,
+    LibbpfError,
+    Link,
+    RingBuffer,
+    read_iterator,
+    read_percpu_u64_array,
+)
+
+ATTACH_MODES = ("auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
+BUILD_HINT = "build them with: make -C bpf  (then reinstall: pip install .)"
+
+# Program names per tracepoint flavour, for each tracepoint-based hook.
+_TP_PROGRAMS = {
+    "state": {"tp_btf": "set_state_btf", "raw_tp": "set_state_raw", "tracepoint": "set_state_tp"},
+    "send": {"tp_btf": "send_btf", "raw_tp": "send_raw", "tracepoint": "send_tp"},
+    "recv": {"tp_btf": "recv_btf", "raw_tp": "recv_raw", "tracepoint": "recv_tp"},
+    "sys_exit": {
+        "tp_btf": "accept_sys_btf",
+        "raw_tp": "accept_sys_raw",
+        "tracepoint": "accept_sys_tp",
+    },
+}
+_FUNCTION_PROGRAMS = {
+    "connect": {"fentry": "connect_fentry", "kprobe": "connect_kprobe"},
+    "accept": {"fentry": "accept_fexit", "kprobe": "accept_kretprobe"},
+}
+SNAPSHOT_PROGRAM = "dump_tcp"
+
+
+def default_objects_dir() -> Path:
+    env = os.environ.get("SOCKWATCH_BPF_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "bpf_objects"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    attach_mode: str = "auto"
+    precise_accept: bool = False
+    socks_max_entries: int = 65536
+    ringbuf_bytes: int = 4 << 20
+    suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
+
+
+@dataclass(frozen=True)
+class HookChoice:
+    """How one logical hook is attached: its mode and the programs behind it."""
+
+    hook: str
+    mode: str
+    programs: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    tracepoint_flavour: str
+    function_flavour: str | None
+    hooks: list[HookChoice] = field(default_factory=list)
+
+    @property
+    def programs(self) -> set[str]:
+        return {p for h in self.hooks for p in h.programs}
+
+
+def _pick_tracepoint_flavour(feats: feat.KernelFeatures, mode: str) -> str:
+    if mode in feat.TRACEPOINT_FLAVOURS:
+        if not feats.allows(mode):
+            why = feats.probes.get(mode, feat.Probe(False, "not probed")).detail
+            raise AttachError(f"attach mode {mode} is not available on this kernel: {why}")
+        return mode
+    for flavour in feat.TRACEPOINT_FLAVOURS:
+        if feats.allows(flavour):
+            return flavour
+    details = "; ".join(
+        f"{f}: {feats.probes[f].detail}" for f in feat.TRACEPOINT_FLAVOURS if f in feats.probes
+    )
+    raise AttachError(f"no tracepoint attach type works on this kernel ({details})")
+
+
+def _pick_function_flavour(feats: feat.KernelFeatures, mode: str) -> str | None:
+    if mode in feat.FUNCTION_FLAVOURS:
+        if not feats.allows(mode):
+            raise AttachError(
+                f"attach mode {mode} is not available on this kernel: {feats.probes[mode].detail}"
+            )
+        return mode
+    if mode != "auto":  # a forced tracepoint flavour: use tracepoints only
+        return None
+    return next((f for f in feat.FUNCTION_FLAVOURS if feats.allows(f)), None)
+
+
+def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
+    """Decide every hook's variant from what the kernel allows and the config."""
+    if cfg.attach_mode not in ATTACH_MODES:
+        raise AttachError(f"unknown attach mode {cfg.attach_mode!r}")
+    if not feats.allows("iter"):
+        raise AttachError(
+            f"the iter/tcp snapshot cannot load: {feats.probes.get('iter', feat.Probe(False)).detail}"
+        )
+    tp = _pick_tracepoint_flavour(feats, cfg.attach_mode)
+    fn = _pick_function_flavour(feats, cfg.attach_mode)
+    plan = Plan(tracepoint_flavour=tp, function_flavour=fn)
+    plan.hooks.append(HookChoice("state", tp, (_TP_PROGRAMS["state"][tp],)))
+    if fn:
+        plan.hooks.append(HookChoice("connect", fn, (_FUNCTION_PROGRAMS["connect"][fn],)))
+        plan.hooks.append(HookChoice("accept", fn, (_FUNCTION_PROGRAMS["accept"][fn],)))
+    else:
+        plan.hooks.append(
+            HookChoice("connect", "state", (), "CLOSE->SYN_SENT, in the connecting task")
+        )
+        if cfg.precise_accept:
+            plan.hooks.append(
+                HookChoice(
+                    "accept",
+                    f"syscall/{tp}",
+                    (_TP_PROGRAMS["sys_exit"][tp],),
+                    "accept syscall exit: exact fd; taxes every syscall",
+                )
+            )
+        else:
+            plan.hooks.append(
+                HookChoice(
+                    "accept",
+                    f"first-use/{tp}",
+                    (_TP_PROGRAMS["send"][tp], _TP_PROGRAMS["recv"][tp]),
+                    "first send/recv or close() by the owning task",
+                )
+            )
+    plan.hooks.append(HookChoice("snapshot", "iter", (SNAPSHOT_PROGRAM,), "iter/tcp"))
+    return plan
+
+
+def _verifier_excerpt(log: list[str], tail: int = 25) -> str:
+    """The end of the failing program's verifier log: where the verdict is."""
+    end = max((i for i, ln in enumerate(log) if "END PROG LOAD LOG" in ln), default=len(log))
+    begin = max((i for i, ln in enumerate(log[:end]) if "BEGIN PROG LOAD LOG" in ln), default=0)
+    body = log[max(begin + 1, end - tail) : end]
+    culprit = [ln for ln in log if "failed to load" in ln and "prog '" in ln]
+    return "\n".join(culprit[:1] + body)
+
+
+class Probes:
+    """The attached lifecycle programs and the maps user space reads."""
+
+    def __init__(self, obj: BpfObject, links: list[Link], plan: Plan, feats: feat.KernelFeatures):
+        self._obj: BpfObject | None = obj
+        self._links = links
+        self.plan = plan
+        self.features = feats
+        self._snapshot_link = next(ln for ln in links if ln.program == SNAPSHOT_PROGRAM)
+        self.ring = RingBuffer(obj.map_fd("events"))
+        self._stats_fd = obj.map_fd("stats")
+        self._transitions_fd = obj.map_fd("transitions")
+        self.socks_capacity = obj.map_max_entries("socks")
+
+    def snapshot_bytes(self) -> bytes:
+        """Run iter/tcp: one raw record per live TCP socket in this netns."""
+        return read_iterator(self._snapshot_link)
+
+    def stats(self) -> dict[records.Stat, int]:
+        values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)
+        return {records.Stat(i): v for i, v in enumerate(values)}
+
+    def transitions(self) -> dict[tuple[int, int], int]:
+        """Non-zero state transition counts keyed (old, new)."""
+        n = records.TCP_STATES
+        values = read_percpu_u64_array(self._transitions_fd, n * n)
+        return {(i // n, i % n): v for i, v in enumerate(values) if v}
+
+    def close(self) -> None:
+        """Detach everything; safe to call twice."""
+        self.ring.free()
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+
+def _objects(objects_dir: Path) -> tuple[str, str]:
+    paths = tuple(str(objects_dir / name) for name in ("lifecycle.bpf.o", "probe.bpf.o"))
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise BpfObjectError(f"BPF objects missing ({', '.join(missing)}): {BUILD_HINT}")
+    return paths  # type: ignore[return-value]
+
+
+def check_record_layout(obj: BpfObject) -> None:
+    """Refuse an object whose struct sw_event differs from records.SwEvent."""
+    size, members = obj.struct_layout("sw_event")
+    actual = [(m.name, m.offset, m.size) for m in members]
+    problems = records.layout_mismatches(records.layout(records.SwEvent), actual)
+    if size != records.EVENT_SIZE:
+        problems.insert(0, f"size: python {records.EVENT_SIZE} vs object {size}")
+    if problems:
+        raise BpfObjectError(
+            f"BPF object {obj.path} is stale ({problems[0]}): {BUILD_HINT}"
+        )
+
+
+def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
+    """Probe the kernel, load the lifecycle object with the chosen variants, attach."""
+    lifecycle_path, probe_path = _objects(objects_dir or default_objects_dir())
+    needs_tracefs = cfg.attach_mode == "tracepoint"
+    feats = feat.probe_kernel(probe_path, mount=needs_tracefs)
+    plan = plan_attachments(feats, cfg)
+
+    try:
+        obj = BpfObject(lifecycle_path)
+    except LibbpfError as exc:
+        raise BpfObjectError(f"{exc}: {BUILD_HINT}") from exc
+    links: list[Link] = []
+    try:
+        check_record_layout(obj)
+        chosen = plan.programs
+        for name in obj.program_names():
+            obj.set_autoload(name, name in chosen)
+        obj.set_max_entries("socks", cfg.socks_max_entries)
+        obj.set_max_entries("events", cfg.ringbuf_bytes)
+        obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
+        try:
+            obj.load()
+        except LibbpfError as exc:
+            raise AttachError(f"{exc}\n{_verifier_excerpt(exc.log)}") from exc
+        for hook in plan.hooks:
+            for program in hook.programs:
+                try:
+                    links.append(obj.attach(program))
+                except LibbpfError as exc:
+                    raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
+        return Probes(obj, links, plan, feats)
+    except BaseException:
+        for link in links:
+            link.destroy()
+        obj.close()
+        raise

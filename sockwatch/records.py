@@ -1,0 +1,295 @@
+"""Python mirror of bpf/sockwatch.h and the typed records decoded from it.
+
+The ctypes structures below follow the C structs field for field; the loader
+compares them with the BTF of the object it loads (``check_layout``), so a
+stale object or an edited header fails loudly instead of decoding garbage.
+Decoding uses one precompiled ``struct.Struct`` derived from that layout:
+about a microsecond a record, and it never raises on bad input (malformed
+records are counted by the caller).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+COMM_LEN = 16
+TCP_STATES = 14
+
+
+class Kind(enum.IntEnum):
+    OPEN = 1
+    CLOSE = 2
+    SNAPSHOT = 3
+
+
+class Role(enum.IntEnum):
+    UNKNOWN = 0
+    CLIENT = 1
+    SERVER = 2
+    LISTENER = 3
+
+
+class Result(enum.IntEnum):
+    OK = 0
+    REFUSED = 1
+    TIMEOUT = 2
+    RESET = 3
+    ABORTED = 4
+    UNREACHABLE = 5
+    ERROR = 6
+
+
+class Attrib(enum.IntEnum):
+    NONE = 0
+    CONNECT = 1
+    LISTEN = 2
+    ACCEPT = 3
+    FIRST_IO = 4
+    CLOSE = 5
+    LISTENER = 6
+
+
+class Stat(enum.IntEnum):
+    RINGBUF_FULL = 0
+    SOCKS_FULL = 1
+    UNTRACKED_CLOSE = 2
+    SUPPRESSED_CLOSE = 3
+
+
+STAT_COUNT = len(Stat)
+FLAG_OPEN_SENT = 1
+
+# Names as ss prints them, indexed by the kernel's TCP state number.
+TCP_STATE_NAMES = (
+    "UNKNOWN", "ESTAB", "SYN-SENT", "SYN-RECV", "FIN-WAIT-1", "FIN-WAIT-2",
+    "TIME-WAIT", "UNCONN", "CLOSE-WAIT", "LAST-ACK", "LISTEN", "CLOSING",
+    "NEW-SYN-RECV", "BOUND-INACTIVE",
+)  # fmt: skip
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+
+
+class SwSock(ctypes.Structure):
+    """struct sw_sock"""
+
+    _fields_ = [
+        ("state_ns", ctypes.c_uint64 * TCP_STATES),
+        ("ino", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("uid", ctypes.c_uint32),
+        ("lport", ctypes.c_uint16),
+        ("role", ctypes.c_uint8),
+        ("attrib", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("__pad", ctypes.c_uint8 * 3),
+        ("comm", ctypes.c_char * COMM_LEN),
+    ]
+
+
+class SwEvent(ctypes.Structure):
+    """struct sw_event"""
+
+    _fields_ = [
+        ("sock", SwSock),
+        ("ts_ns", ctypes.c_uint64),
+        ("skaddr", ctypes.c_uint64),
+        ("bytes_acked", ctypes.c_uint64),
+        ("bytes_received", ctypes.c_uint64),
+        ("bytes_sent", ctypes.c_uint64),
+        ("bytes_retrans", ctypes.c_uint64),
+        ("segs_out", ctypes.c_uint32),
+        ("segs_in", ctypes.c_uint32),
+        ("total_retrans", ctypes.c_uint32),
+        ("srtt_us", ctypes.c_uint32),
+        ("netns", ctypes.c_uint32),
+        ("listen_backlog", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("family", ctypes.c_uint16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("kind", ctypes.c_uint8),
+        ("result", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("oldstate", ctypes.c_uint8),
+        ("peer_fin", ctypes.c_uint8),
+        ("__pad", ctypes.c_uint8 * 5),
+    ]
+
+
+EVENT_SIZE = ctypes.sizeof(SwEvent)
+
+
+def layout(struct_type: type[ctypes.Structure]) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each member, as the C compiler lays it out."""
+    return [
+        (name, getattr(struct_type, name).offset, getattr(struct_type, name).size)
+        for name, _ in struct_type._fields_
+    ]
+
+
+def layout_mismatches(
+    expected: list[tuple[str, int, int]], actual: list[tuple[str, int, int]]
+) -> list[str]:
+    """Human-readable differences between two struct layouts; empty when equal."""
+    out = []
+    exp, act = {n: (o, s) for n, o, s in expected}, {n: (o, s) for n, o, s in actual}
+    for name in sorted(set(exp) | set(act)):
+        if exp.get(name) != act.get(name):
+            out.append(f"{name}: python {exp.get(name)} vs object {act.get(name)}")
+    return out
+
+
+# One flat format for the whole event, in member order (all naturally aligned).
+_EVENT_STRUCT = struct.Struct(
+    "<" + f"{TCP_STATES}Q" + "QIIiIHBBB3x16s"  # sw_sock
+    "QQQQQQ" "IIIIII" "16s16s" "HHH" "BBBBB" "5x"
+)  # fmt: skip
+assert _EVENT_STRUCT.size == EVENT_SIZE, (_EVENT_STRUCT.size, EVENT_SIZE)
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    """One decoded record: what the kernel knew about one socket at ``ts_ns``."""
+
+    kind: Kind
+    ts_ns: int
+    skaddr: int
+    netns: int
+    family: int
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    state: int
+    oldstate: int
+    role: Role
+    result: Result
+    attrib: Attrib
+    tgid: int
+    tid: int
+    comm: str
+    fd: int
+    ino: int
+    uid: int
+    state_ns: tuple[int, ...]
+    bytes_acked: int
+    bytes_received: int
+    bytes_sent: int
+    bytes_retrans: int
+    peer_fin: bool
+    segs_out: int
+    segs_in: int
+    total_retrans: int
+    srtt_us: int
+    listen_backlog: int
+
+    @property
+    def open_ns(self) -> int:
+        """When the socket first entered any state we saw (0 if it predates us)."""
+        return min((t for t in self.state_ns if t), default=0)
+
+    @property
+    def state_name(self) -> str:
+        return state_name(self.state)
+
+    @property
+    def payload_sent(self) -> int:
+        """Application bytes transmitted once (retransmissions not counted twice)."""
+        return self.bytes_sent - self.bytes_retrans
+
+    @property
+    def payload_received(self) -> int:
+        """Application bytes received: tcpi_bytes_received counts the peer's FIN too."""
+        return max(0, self.bytes_received - self.peer_fin)
+
+
+def state_name(state: int) -> str:
+    return TCP_STATE_NAMES[state] if 0 <= state < len(TCP_STATE_NAMES) else str(state)
+
+
+class DecodeError(ValueError):
+    """A record that cannot be a struct sw_event."""
+
+
+def decode(raw: bytes | memoryview) -> ConnEvent:
+    """Decode one record; raises DecodeError (and only that) on malformed input."""
+    if len(raw) != EVENT_SIZE:
+        raise DecodeError(f"record is {len(raw)} bytes, expected {EVENT_SIZE}")
+    v = _EVENT_STRUCT.unpack(raw)
+    n = TCP_STATES
+    (ino, tgid, tid, fd, uid, _lport, role, attrib, _flags, comm) = v[n : n + 10]
+    (ts, skaddr, acked, received, sent, retrans_bytes) = v[n + 10 : n + 16]
+    (segs_out, segs_in, retrans, srtt, netns, backlog) = v[n + 16 : n + 22]
+    (saddr, daddr, family, sport, dport, kind, result, state, oldstate, peer_fin) = v[n + 22 :]
+    try:
+        return ConnEvent(
+            kind=Kind(kind),
+            ts_ns=ts,
+            skaddr=skaddr,
+            netns=netns,
+            family=family,
+            saddr=_addr(family, saddr),
+            sport=sport,
+            daddr=_addr(family, daddr),
+            dport=dport,
+            state=state,
+            oldstate=oldstate,
+            role=Role(role),
+            result=Result(result),
+            attrib=Attrib(attrib),
+            tgid=tgid,
+            tid=tid,
+            comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+            fd=fd,
+            ino=ino,
+            uid=uid,
+            state_ns=tuple(v[:n]),
+            bytes_acked=acked,
+            bytes_received=received,
+            bytes_sent=sent,
+            bytes_retrans=retrans_bytes,
+            peer_fin=bool(peer_fin),
+            segs_out=segs_out,
+            segs_in=segs_in,
+            total_retrans=retrans,
+            srtt_us=srtt,
+            listen_backlog=backlog,
+        )
+    except ValueError as exc:  # an enum out of range
+        raise DecodeError(str(exc)) from exc
+
+
+def decode_many(raws: Iterable[bytes | memoryview]) -> tuple[list[ConnEvent], int]:
+    """Decode a batch; returns the records and how many were malformed."""
+    out, bad = [], 0
+    for raw in raws:
+        try:
+            out.append(decode(raw))
+        except DecodeError:
+            bad += 1
+    return out, bad
+
+
+def format_endpoint(family: int, addr: str, port: int) -> str:
+    """``addr:port`` as ss prints it, with IPv6 in brackets."""
+    if family == socket.AF_INET6:
+        return f"[{addr}]:{port}"
+    return f"{addr}:{port}"
