@@ -290,12 +290,12 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 
 	switch (newstate) {
 	case TCP_SYN_SENT:
-		/* CLOSE->SYN_SENT runs in connect(), in the connecting task. */
-		s = bpf_map_lookup_elem(&socks, &key);
-		if (s)
-			s->state_ns[TCP_SYN_SENT] = now;
-		else
-			track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, newstate, now);
+		/*
+		 * CLOSE->SYN_SENT runs in connect(), in the connecting task. It always
+		 * starts a new socket: an entry at this address is stale (a close we
+		 * never saw), so it is overwritten, not reused.
+		 */
+		track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, newstate, now);
 		return 0;
 	case TCP_LISTEN:
 		/* CLOSE->LISTEN runs in listen(), in the listening task. */

@@ -1,0 +1,5 @@
+import sys
+
+from sockwatch.cli import main
+
+sys.exit(main())

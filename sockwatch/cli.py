@@ -1,0 +1,280 @@
+"""Command line: ``sockwatch table | trace | probes``.
+
+Every failure reaches the user as one line on stderr and a non-zero status:
+2 for bad arguments, 1 for everything else (no privileges, missing BPF
+objects, a hook that cannot attach). Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Sequence
+
+from sockwatch import __version__
+from sockwatch.errors import NotPrivilegedError, SockwatchError, UsageError
+from sockwatch.kernel import features, loader
+from sockwatch.monitor import Monitor
+from sockwatch.views import fields
+from sockwatch.views import probes as probes_view
+from sockwatch.views import table as table_view
+from sockwatch.views import trace as trace_view
+from sockwatch.views.filters import Filter
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+EPILOG_TABLE = """examples:
+  sockwatch table                      every TCP socket with its process and fd
+  sockwatch table --state established --port 443
+  sockwatch table --pid 1234 --json    one process, as JSON
+  sockwatch table --closed             recently closed connections, with results
+"""
+EPILOG_TRACE = """examples:
+  sockwatch trace                      connect/accept/listen/close/fail as they happen
+  sockwatch trace --comm curl --json   one JSON object per line
+  sockwatch trace --duration 10        stop after ten seconds
+"""
+EPILOG_PROBES = """examples:
+  sockwatch probes                     kernel facts and the variant chosen per hook
+  sockwatch probes --attach raw_tp     check that a forced mode can attach
+"""
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def require_bpf_privileges() -> None:
+    """Fail in one line before touching libbpf when BPF cannot be loaded."""
+    if os.geteuid() == 0:
+        return
+    caps = _effective_caps()
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return
+    raise NotPrivilegedError(
+        "sockwatch needs root, or CAP_BPF and CAP_PERFMON, to load its BPF programs "
+        f"(running as uid {os.getuid()})"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _state(text: str) -> str:
+    name = fields.normalize_state(text)
+    if name is None:
+        choices = ", ".join(sorted(fields.STATE_ALIASES))
+        raise argparse.ArgumentTypeError(f"unknown state {text!r} (one of: {choices})")
+    return name
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    kernel = argparse.ArgumentParser(add_help=False)
+    g = kernel.add_argument_group("kernel probes")
+    g.add_argument(
+        "--attach",
+        choices=loader.ATTACH_MODES,
+        default="auto",
+        help="force one attach flavour (default: the best this kernel allows)",
+    )
+    g.add_argument(
+        "--precise-accept",
+        action="store_true",
+        help="hook the accept syscall exit for exact fds of accepted sockets "
+        "(costs a little on every syscall of every task)",
+    )
+
+    filters = argparse.ArgumentParser(add_help=False)
+    f = filters.add_argument_group("filters")
+    f.add_argument("--pid", type=_positive_int, action="append", default=[],
+                   help="only this process (repeatable)")
+    f.add_argument("--comm", help="only processes whose name contains this")
+    f.add_argument("--port", type=_port, help="only sockets with this local or remote port")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _Parser(
+        prog="sockwatch",
+        description="Watch every TCP socket on this host from inside the kernel (eBPF).",
+    )
+    p.add_argument("--version", action="version", version=f"sockwatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser(
+        "table", parents=[kernel, filters], epilog=EPILOG_TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="live table of TCP sockets: process, fd, 5-tuple, state, bytes, age",
+        description="Print every TCP socket with the process and fd that hold it.",
+    )
+    t.add_argument("--state", type=_state, help="only this state (ss names: established, listen, ...)")
+    t.add_argument("--closed", action="store_true",
+                   help="recently closed connections instead of live ones")
+    t.add_argument("--watch", type=_positive_float, metavar="SECONDS",
+                   help="keep watching this long before printing (fills --closed)")
+
+    tr = sub.add_parser(
+        "trace", parents=[kernel, filters], epilog=EPILOG_TRACE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="stream connection events: connect, accept, listen, close, failures",
+        description="Stream TCP connection events as they happen, until Ctrl-C.",
+    )
+    tr.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
+    tr.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
+
+    pr = sub.add_parser(
+        "probes", parents=[kernel], epilog=EPILOG_PROBES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="kernel facts and the attach mode chosen for each hook",
+        description="Probe what this kernel allows, attach every hook once, and report.",
+    )
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _loader_config(args: argparse.Namespace) -> loader.LoaderConfig:
+    return loader.LoaderConfig(attach_mode=args.attach, precise_accept=args.precise_accept)
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    return Filter(
+        pids=frozenset(args.pid),
+        comm=args.comm,
+        port=args.port,
+        state=getattr(args, "state", None),
+    )
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    with Monitor(_loader_config(args)) as mon:
+        if args.watch:
+            stop = threading.Event()
+            _stop_on_signals(stop)
+            timer = threading.Timer(args.watch, stop.set)
+            timer.start()
+            try:
+                mon.run(stop)
+            finally:
+                timer.cancel()
+        if args.closed:
+            mon.poll()
+            conns = mon.table.recently_closed()
+        else:
+            conns = mon.connections()
+        table_view.render(table_view.select(conns, _filter(args)), sys.stdout, args.json)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    with Monitor(_loader_config(args)) as mon:
+        printer = trace_view.TracePrinter(sys.stdout, _filter(args), args.json, mon.started_ns)
+        printer.header()
+
+        def on_events(events: list) -> None:
+            printer(events, args.count)
+            if args.count and printer.printed >= args.count:
+                stop.set()
+
+        timer = threading.Timer(args.duration, stop.set) if args.duration else None
+        if timer:
+            timer.start()
+        try:
+            mon.run(stop, on_events)
+            on_events(mon.poll())  # what arrived since the last tick
+        finally:
+            if timer:
+                timer.cancel()
+        lost = mon.loss()
+        if lost.ringbuf_full or lost.decode_errors:
+            print(f"sockwatch: {lost.ringbuf_full} events lost (ring buffer full), "
+                  f"{lost.decode_errors} malformed", file=sys.stderr)
+    return 0
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    objects = loader.default_objects_dir()
+    probe_obj = objects / "probe.bpf.o"
+    if not probe_obj.exists():
+        raise SockwatchError(f"BPF objects missing ({probe_obj}): {loader.BUILD_HINT}")
+    cfg = _loader_config(args)
+    error = None
+    try:
+        t0 = time.perf_counter()
+        probes = loader.load(cfg, objects)
+        feats, plan = probes.features, probes.plan
+        probes.close()
+        attach_ms = (time.perf_counter() - t0) * 1000
+    except SockwatchError as exc:
+        error = str(exc).splitlines()[0]
+        feats = features.probe_kernel(str(probe_obj), mount=cfg.attach_mode == "tracepoint")
+        plan = None
+    probes_view.render(feats, plan, error, sys.stdout, args.json)
+    if error:
+        print(f"sockwatch: {error}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"attached and detached every hook in {attach_ms:.0f} ms")
+    return 0
+
+
+COMMANDS = {"table": cmd_table, "trace": cmd_trace, "probes": cmd_probes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        require_bpf_privileges()
+        return COMMANDS[args.command](args)
+    except SockwatchError as exc:
+        print(f"sockwatch: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # stdout closed early (| head): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,159 @@
+"""Wires probes -> records -> tables, and keeps them in step with the kernel.
+
+Start-up has no gap: attach first, then walk the sockets (iter/tcp), then
+apply whatever the ring buffer caught meanwhile; the table's ordering rules
+de-duplicate. The same walk, repeated, is the reconciliation that removes
+sockets whose close was missed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sockwatch import records
+from sockwatch.kernel import loader
+from sockwatch.kernel.reader import EventReader
+from sockwatch.processes import ProcessCache, ProcessInfo
+from sockwatch.seed import procfs
+from sockwatch.tables import Connection, ConnTable
+
+
+def current_netns(proc_root: str = "/proc") -> int:
+    return os.stat(f"{proc_root}/self/ns/net").st_ino
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Everything that was not observed or not kept, by the stage that dropped it."""
+
+    ringbuf_full: int
+    socks_map_full: int
+    decode_errors: int
+    table_full: int
+    untracked_close: int  # not a loss: closes of sockets that predate sockwatch
+    suppressed_close: int  # test switch only
+
+
+class Monitor:
+    """The standalone engine behind ``table``, ``trace`` and (later) the daemon."""
+
+    def __init__(
+        self,
+        cfg: loader.LoaderConfig | None = None,
+        *,
+        closed_capacity: int = 4096,
+        proc_root: str = "/proc",
+        objects_dir: Path | None = None,
+    ):
+        self.cfg = cfg or loader.LoaderConfig()
+        self.table = ConnTable(closed_capacity=closed_capacity)
+        self.processes = ProcessCache(proc_root)
+        self._proc_root = proc_root
+        self._objects_dir = objects_dir
+        self.probes: loader.Probes | None = None
+        self._reader: EventReader | None = None
+        self.netns = current_netns(proc_root)
+        self.started_ns = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.probes = loader.load(self.cfg, self._objects_dir)
+        self._reader = EventReader(self.probes)
+        self.started_ns = time.monotonic_ns()
+        self.reconcile()
+
+    def close(self) -> None:
+        if self.probes is not None:
+            self.probes.close()
+            self.probes = None
+
+    def __enter__(self) -> "Monitor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- keeping current ------------------------------------------------------------
+    def poll(self) -> list[records.ConnEvent]:
+        """Drain the ring buffer into the tables; returns the records applied."""
+        assert self._reader is not None, "start() first"
+        events = self._reader.drain()
+        self.table.apply_all(events)
+        return events
+
+    def reconcile(self) -> int:
+        """Walk the kernel's sockets: fresh counters, seeds, and missed closes removed."""
+        assert self._reader is not None, "start() first"
+        self.poll()
+        taken, rows = self._reader.snapshot()
+        seen = self.table.merge_snapshot(rows)
+        self.poll()  # closes during the walk must win over the rows read before them
+        return self.table.remove_missing(seen, taken, self.netns)
+
+    def run(
+        self,
+        stop: threading.Event,
+        on_events: Callable[[list[records.ConnEvent]], None] | None = None,
+        poll_interval: float = 0.1,
+        reconcile_interval: float = 5.0,
+    ) -> None:
+        """Poll on a timer until ``stop`` is set (the kernel never wakes us)."""
+        next_reconcile = time.monotonic() + reconcile_interval
+        while not stop.wait(poll_interval):
+            events = self.poll()
+            if on_events and events:
+                on_events(events)
+            if time.monotonic() >= next_reconcile:
+                self.reconcile()
+                next_reconcile = time.monotonic() + reconcile_interval
+
+    # -- reading ------------------------------------------------------------------
+    def resolve_owners(self, conns: list[Connection]) -> None:
+        """Fill fds, and owners the kernel could only guess, from /proc (one batch)."""
+        need = [c for c in conns if c.ev.ino and (c.fd < 0 or c.owner_is_guess)]
+        if not need:
+            return
+        pids = None if any(c.owner_is_guess for c in need) else {c.tgid for c in need}
+        owners = procfs.socket_owners(pids, self._proc_root)
+        for conn in need:
+            holders = owners.get(conn.ev.ino)
+            if not holders:
+                continue
+            mine = [h for h in holders if h[0] == conn.tgid]
+            pid, fd = (mine or holders)[0]
+            if conn.tgid != pid:
+                info = self.processes.lookup(pid)
+                conn.tgid, conn.comm = pid, info.name if info else conn.comm
+            conn.fd = fd
+            live = self.table.live.get(conn.key)
+            if live is not None:  # remember: an fd does not change while the socket lives
+                live.tgid, live.comm, live.fd = conn.tgid, conn.comm, conn.fd
+
+    def connections(self, refresh: bool = True) -> list[Connection]:
+        """Live connections with current counters and resolved owners."""
+        if refresh:
+            self.reconcile()
+        conns = self.table.snapshot()
+        self.resolve_owners(conns)
+        return conns
+
+    def process(self, pid: int) -> ProcessInfo | None:
+        return self.processes.lookup(pid)
+
+    def loss(self) -> Loss:
+        assert self.probes is not None and self._reader is not None
+        st = self.probes.stats()
+        return Loss(
+            ringbuf_full=st[records.Stat.RINGBUF_FULL],
+            socks_map_full=st[records.Stat.SOCKS_FULL],
+            decode_errors=self._reader.decode_errors,
+            table_full=self.table.counters["table_full"],
+            untracked_close=st[records.Stat.UNTRACKED_CLOSE],
+            suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
+        )

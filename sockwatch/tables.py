@@ -1,0 +1,152 @@
+"""The live state: every TCP socket, who owns it, and the recently closed ones.
+
+Records are the only input: OPEN and CLOSE from the ring buffer, SNAPSHOT rows
+from iter/tcp at start and at each reconciliation. Nothing here touches the
+kernel or /proc, so the rules below are unit-tested with plain records.
+
+Ordering rules (records from before a row's incarnation must not touch it,
+since the kernel reuses sock addresses quickly):
+- a connection is alive from ``alive_since_ns``: its first state timestamp, or
+  the snapshot that first saw it when it predates sockwatch;
+- a CLOSE older than that belongs to an earlier socket at the same address;
+- a reconciliation removes only rows alive before the snapshot began that the
+  snapshot did not see, in the snapshot's own network namespace.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable
+
+from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
+
+# Attributions made by a task touching the socket; others are guesses.
+TASK_ATTRIBUTIONS = frozenset(
+    {Attrib.CONNECT, Attrib.LISTEN, Attrib.ACCEPT, Attrib.FIRST_IO, Attrib.CLOSE}
+)
+
+
+@dataclass(slots=True)
+class Connection:
+    """One socket as the tables know it: the kernel's latest view plus its owner."""
+
+    ev: ConnEvent  # latest record: tuple, state, counters
+    tgid: int
+    comm: str
+    fd: int
+    alive_since_ns: int
+    seen_by: str  # "event" or "snapshot": how sockwatch first learned of it
+    closed_ns: int = 0
+    reconciled: bool = False  # removed by reconciliation, not by a CLOSE record
+
+    @property
+    def key(self) -> int:
+        return self.ev.skaddr
+
+    @property
+    def owner_is_guess(self) -> bool:
+        """No task touched it while we watched: /proc must say who holds it."""
+        return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
+
+
+class ConnTable:
+    """``process -> fd -> socket -> 5-tuple``, applied from records."""
+
+    def __init__(self, closed_capacity: int = 4096, max_live: int = 262144):
+        self.live: dict[int, Connection] = {}
+        self.closed: collections.deque[Connection] = collections.deque(maxlen=closed_capacity)
+        self.max_live = max_live
+        self.counters: collections.Counter[str] = collections.Counter()
+        # (role, result) of every connection that ended, for rates and metrics
+        self.ended: collections.Counter[tuple[Role, Result]] = collections.Counter()
+
+    # -- records ---------------------------------------------------------------
+    def apply(self, ev: ConnEvent) -> None:
+        if ev.kind == Kind.CLOSE:
+            self._close(ev)
+        else:
+            self._upsert(ev, ev.ts_ns if ev.kind == Kind.SNAPSHOT else 0)
+
+    def apply_all(self, events: Iterable[ConnEvent]) -> None:
+        for ev in events:
+            self.apply(ev)
+
+    def _upsert(self, ev: ConnEvent, seen_ns: int) -> None:
+        conn = self.live.get(ev.skaddr)
+        if conn is None:
+            if len(self.live) >= self.max_live:
+                self.counters["table_full"] += 1
+                return
+            self.live[ev.skaddr] = Connection(
+                ev=ev,
+                tgid=ev.tgid,
+                comm=ev.comm,
+                fd=ev.fd,
+                alive_since_ns=ev.open_ns or seen_ns or ev.ts_ns,
+                seen_by="snapshot" if ev.kind == Kind.SNAPSHOT else "event",
+            )
+            self.counters["opened_" + ev.role.name.lower()] += ev.kind == Kind.OPEN
+            return
+        if ev.ts_ns < conn.alive_since_ns:
+            return  # a record from an earlier socket at this address
+        if ev.ts_ns >= conn.ev.ts_ns:
+            conn.ev = ev
+        if ev.kind == Kind.OPEN:
+            self.counters["opened_" + ev.role.name.lower()] += 1
+        self._take_owner(conn, ev)
+
+    @staticmethod
+    def _take_owner(conn: Connection, ev: ConnEvent) -> None:
+        """A task's attribution beats a guess; a guess never replaces what /proc found."""
+        if ev.tgid and (ev.attrib in TASK_ATTRIBUTIONS or conn.tgid == 0):
+            conn.tgid, conn.comm = ev.tgid, ev.comm
+        if ev.fd >= 0:
+            conn.fd = ev.fd
+
+    def _close(self, ev: ConnEvent) -> None:
+        conn = self.live.get(ev.skaddr)
+        if conn is not None and ev.ts_ns >= conn.alive_since_ns:
+            del self.live[ev.skaddr]
+            conn.ev = ev
+            self._take_owner(conn, ev)
+        else:
+            # Never seen open: a failed connect, or a socket that lived and died
+            # between two reads. The CLOSE record carries everything.
+            conn = Connection(ev, ev.tgid, ev.comm, ev.fd, ev.open_ns or ev.ts_ns, "event")
+        conn.closed_ns = ev.ts_ns
+        self.closed.append(conn)
+        self.ended[(ev.role, ev.result)] += 1
+
+    # -- reconciliation ----------------------------------------------------------
+    def merge_snapshot(self, rows: Iterable[ConnEvent]) -> set[int]:
+        """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
+        seen = set()
+        for row in rows:
+            seen.add(row.skaddr)
+            self._upsert(row, row.ts_ns)
+        return seen
+
+    def remove_missing(self, seen: set[int], snapshot_ns: int, netns: int) -> int:
+        """Drop rows the snapshot should have seen but did not; returns how many."""
+        gone = [
+            key
+            for key, conn in self.live.items()
+            if key not in seen and conn.ev.netns == netns and conn.alive_since_ns < snapshot_ns
+        ]
+        for key in gone:
+            conn = self.live.pop(key)
+            conn.closed_ns = snapshot_ns
+            conn.reconciled = True
+            self.closed.append(conn)
+        self.counters["reconciled_removed"] += len(gone)
+        return len(gone)
+
+    # -- reading -------------------------------------------------------------------
+    def snapshot(self) -> list[Connection]:
+        """Copies of the live rows: views may keep them while the table moves on."""
+        return [dataclasses.replace(c) for c in self.live.values()]
+
+    def recently_closed(self) -> list[Connection]:
+        return [dataclasses.replace(c) for c in self.closed]

@@ -1,0 +1,165 @@
+"""How connections and events look to people and scripts: one place for both.
+
+Byte counts are application payload (see ``ConnEvent.payload_sent``); the
+kernel's raw tcp_info counters are also given under ``tcpi_*`` so they can be
+compared with ``ss -i`` field for field.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from sockwatch.records import (
+    TCP_CLOSE,
+    TCP_SYN_SENT,
+    ConnEvent,
+    Kind,
+    Result,
+    Role,
+    format_endpoint,
+    state_name,
+)
+from sockwatch.tables import Connection
+
+FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+# ss's state names, accepted by --state in either spelling.
+STATE_ALIASES = {
+    "established": "ESTAB",
+    "syn-sent": "SYN-SENT",
+    "syn-recv": "SYN-RECV",
+    "fin-wait-1": "FIN-WAIT-1",
+    "fin-wait-2": "FIN-WAIT-2",
+    "time-wait": "TIME-WAIT",
+    "closed": "UNCONN",
+    "close-wait": "CLOSE-WAIT",
+    "last-ack": "LAST-ACK",
+    "listen": "LISTEN",
+    "closing": "CLOSING",
+}
+
+
+def normalize_state(name: str) -> str | None:
+    """ss spelling of a state name given either way, or None if unknown."""
+    key = name.strip().lower()
+    if key in STATE_ALIASES:
+        return STATE_ALIASES[key]
+    upper = key.upper()
+    return upper if upper in STATE_ALIASES.values() or upper == "ESTAB" else None
+
+
+def event_name(ev: ConnEvent) -> str:
+    """connect / accept / listen / fail / close / unlisten, as trace prints them."""
+    if ev.kind == Kind.OPEN:
+        return {Role.CLIENT: "connect", Role.SERVER: "accept", Role.LISTENER: "listen"}.get(
+            ev.role, "open"
+        )
+    if ev.role == Role.LISTENER:
+        return "unlisten"
+    if ev.oldstate == TCP_SYN_SENT and ev.result != Result.OK:
+        return "fail"
+    return "close"
+
+
+def local(ev: ConnEvent) -> str:
+    return format_endpoint(ev.family, ev.saddr, ev.sport)
+
+
+def remote(ev: ConnEvent) -> str:
+    return format_endpoint(ev.family, ev.daddr, ev.dport)
+
+
+def lifetime_ns(ev: ConnEvent) -> int:
+    opened = ev.open_ns
+    return ev.ts_ns - opened if opened and ev.ts_ns >= opened else 0
+
+
+def _common(ev: ConnEvent) -> dict[str, Any]:
+    return {
+        "netns": ev.netns,
+        "family": FAMILY_NAMES.get(ev.family, str(ev.family)),
+        "local_addr": ev.saddr,
+        "local_port": ev.sport,
+        "remote_addr": ev.daddr,
+        "remote_port": ev.dport,
+        "role": ev.role.name.lower(),
+        "attribution": ev.attrib.name.lower(),
+        "ino": ev.ino,
+        "uid": ev.uid,
+        "bytes_sent": ev.payload_sent,
+        "bytes_received": ev.payload_received,
+        "segs_out": ev.segs_out,
+        "segs_in": ev.segs_in,
+        "retransmits": ev.total_retrans,
+        "rtt_us": ev.srtt_us,
+        "tcpi_bytes_acked": ev.bytes_acked,
+        "tcpi_bytes_received": ev.bytes_received,
+        "tcpi_bytes_sent": ev.bytes_sent,
+        "tcpi_bytes_retrans": ev.bytes_retrans,
+        # seconds after the first state we saw, for each state it went through
+        "state_times": {
+            state_name(i): round((t - ev.open_ns) / 1e9, 6)
+            for i, t in enumerate(ev.state_ns)
+            if t
+        },
+    }
+
+
+def connection_dict(conn: Connection, now_ns: int) -> dict[str, Any]:
+    """A table row for --json and the API."""
+    ev = conn.ev
+    d: dict[str, Any] = {"pid": conn.tgid or None, "process": conn.comm or None}
+    d["fd"] = conn.fd if conn.fd >= 0 else None
+    d["state"] = state_name(ev.state)
+    d.update(_common(ev))
+    opened = ev.open_ns
+    end = conn.closed_ns or now_ns
+    d["age_s"] = round((end - opened) / 1e9, 6) if opened else None
+    d["seen_by"] = conn.seen_by
+    if conn.closed_ns:
+        d["result"] = "reconciled" if conn.reconciled else ev.result.name.lower()
+        d["last_state"] = state_name(ev.oldstate)
+    if ev.role == Role.LISTENER:
+        d["backlog"] = ev.listen_backlog
+    return d
+
+
+def event_dict(ev: ConnEvent) -> dict[str, Any]:
+    """One trace line for --json."""
+    d: dict[str, Any] = {
+        "ts_ns": ev.ts_ns,
+        "event": event_name(ev),
+        "pid": ev.tgid or None,
+        "tid": ev.tid or None,
+        "process": ev.comm or None,
+        "fd": ev.fd if ev.fd >= 0 else None,
+    }
+    d.update(_common(ev))
+    if ev.kind == Kind.CLOSE:
+        d["result"] = ev.result.name.lower()
+        d["last_state"] = state_name(ev.oldstate)
+        d["lifetime_s"] = round(lifetime_ns(ev) / 1e9, 6)
+    else:
+        d["state"] = state_name(ev.state if ev.state != TCP_CLOSE else ev.oldstate)
+    return d
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1000:.1f}ms"
+    if s < 120:
+        return f"{s:.1f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.0f}h"

@@ -1,0 +1,27 @@
+"""Row filters shared by ``table`` and ``trace`` (--pid, --comm, --port, --state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sockwatch.records import ConnEvent, state_name
+
+
+@dataclass(frozen=True)
+class Filter:
+    pids: frozenset[int] = frozenset()
+    comm: str | None = None  # substring, case-insensitive
+    port: int | None = None  # local or remote
+    state: str | None = None  # ss spelling, e.g. ESTAB
+
+    def matches(self, ev: ConnEvent, pid: int, comm: str) -> bool:
+        """``pid``/``comm`` are passed in: tables may know a better owner than the record."""
+        if self.pids and pid not in self.pids:
+            return False
+        if self.comm and self.comm.lower() not in comm.lower():
+            return False
+        if self.port is not None and self.port not in (ev.sport, ev.dport):
+            return False
+        if self.state and state_name(ev.state) != self.state:
+            return False
+        return True
