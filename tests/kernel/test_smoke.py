@@ -1,0 +1,46 @@
+"""The fixtures themselves: a monitor starts, sees a loopback connection, and
+leaves nothing behind."""
+
+import os
+import socket
+
+from sockwatch.records import Role
+
+
+def test_monitor_sees_loopback_connection(monitor):
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    acc, _ = srv.accept()
+    cli.sendall(b"ping")
+    assert acc.recv(4) == b"ping"
+    try:
+        conns = monitor.connections()
+        mine = {c.ev.role: c for c in conns if port in (c.ev.sport, c.ev.dport)}
+        assert mine[Role.CLIENT].tgid == os.getpid()
+        assert mine[Role.CLIENT].fd == cli.fileno()
+        assert mine[Role.SERVER].fd == acc.fileno()
+        assert mine[Role.LISTENER].fd == srv.fileno()
+        assert mine[Role.CLIENT].ev.payload_sent == 4
+        assert mine[Role.SERVER].ev.payload_received == 4
+    finally:
+        for s in (cli, acc, srv):
+            s.close()
+
+
+def test_netns_pair_connects(netns_pair):
+    server = netns_pair.popen(netns_pair.b, f"""
+        import socket
+        s = socket.create_server(("{netns_pair.addr_b}", 7000))
+        print("ready", flush=True)
+        c, _ = s.accept(); c.sendall(c.recv(5)); c.close()
+    """)
+    assert server.stdout.readline().strip() == "ready"
+    client = netns_pair.popen(netns_pair.a, f"""
+        import socket
+        c = socket.create_connection(("{netns_pair.addr_b}", 7000), timeout=5)
+        c.sendall(b"hello"); print(c.recv(5).decode())
+    """)
+    out, err = client.communicate(timeout=10)
+    server.wait(timeout=10)
+    assert out.strip() == "hello", err
