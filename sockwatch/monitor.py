@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from sockwatch import records
-from sockwatch.kernel import loader
+from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
-from sockwatch.processes import ProcessCache, ProcessInfo
+from sockwatch.processes import ProcessCache
 from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
@@ -87,14 +87,37 @@ class Monitor:
         self.table.apply_all(events)
         return events
 
+    def _other_namespaces(self) -> dict[int, str]:
+        """Paths into the other network namespaces the table has rows in."""
+        wanted: dict[int, set[int]] = {}
+        for conn in self.table.live.values():
+            if conn.ev.netns != self.netns:
+                wanted.setdefault(conn.ev.netns, set()).add(conn.tgid)
+        if not wanted:
+            return {}
+        pids = {pid for group in wanted.values() for pid in group if pid}
+        return netns.find_paths(set(wanted), pids, self._proc_root)
+
     def reconcile(self) -> int:
-        """Walk the kernel's sockets: fresh counters, seeds, and missed closes removed."""
+        """Walk the kernel's sockets: fresh counters, seeds, and missed closes removed.
+
+        Our namespace is always walked; other namespaces are walked when the table
+        has rows there and a path into them still exists (a /run/netns name or a
+        process inside). Rows in namespaces that cannot be entered are left alone.
+        """
         assert self._reader is not None, "start() first"
         self.poll()
         taken, rows = self._reader.snapshot()
+        walked = {self.netns}
+        for ino, path in self._other_namespaces().items():
+            try:
+                rows += self._reader.snapshot(path)[1]
+            except OSError:
+                continue  # the namespace went away between finding and entering it
+            walked.add(ino)
         seen = self.table.merge_snapshot(rows)
         self.poll()  # closes during the walk must win over the rows read before them
-        return self.table.remove_missing(seen, taken, self.netns)
+        return self.table.remove_missing(seen, taken, walked)
 
     def run(
         self,
@@ -142,9 +165,6 @@ class Monitor:
         conns = self.table.snapshot()
         self.resolve_owners(conns)
         return conns
-
-    def process(self, pid: int) -> ProcessInfo | None:
-        return self.processes.lookup(pid)
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None

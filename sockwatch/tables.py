@@ -128,12 +128,15 @@ class ConnTable:
             self._upsert(row, row.ts_ns)
         return seen
 
-    def remove_missing(self, seen: set[int], snapshot_ns: int, netns: int) -> int:
-        """Drop rows the snapshot should have seen but did not; returns how many."""
+    def remove_missing(self, seen: set[int], snapshot_ns: int, walked: set[int]) -> int:
+        """Drop rows the snapshot should have seen but did not; returns how many.
+
+        Only namespaces in ``walked`` were looked at; rows elsewhere stay.
+        """
         gone = [
             key
             for key, conn in self.live.items()
-            if key not in seen and conn.ev.netns == netns and conn.alive_since_ns < snapshot_ns
+            if key not in seen and conn.ev.netns in walked and conn.alive_since_ns < snapshot_ns
         ]
         for key in gone:
             conn = self.live.pop(key)

@@ -312,11 +312,16 @@ def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
     return out
 
 
-def read_iterator(link: Link, chunk: int = 1 << 20) -> bytes:
-    """Run a BPF iterator once and return everything it wrote."""
+def create_iterator(link: Link) -> int:
+    """A readable fd for one pass of a BPF iterator; it walks the caller's netns."""
     fd = lib().so.bpf_iter_create(link.fd)
     if fd < 0:
         raise LibbpfError(f"cannot start iterator {link.program}: {os.strerror(-fd)}", -fd)
+    return fd
+
+
+def read_all(fd: int, chunk: int = 1 << 20) -> bytes:
+    """Read an iterator fd to the end, then close it."""
     parts = []
     try:
         while True:

@@ -28,9 +28,11 @@ from sockwatch.kernel.libbpf import (
     LibbpfError,
     Link,
     RingBuffer,
-    read_iterator,
+    create_iterator,
+    read_all,
     read_percpu_u64_array,
 )
+from sockwatch.kernel import netns
 
 ATTACH_MODES = ("auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
 BUILD_HINT = "build them with: make -C bpf  (then reinstall: pip install .)"
@@ -179,9 +181,13 @@ class Probes:
         self._transitions_fd = obj.map_fd("transitions")
         self.socks_capacity = obj.map_max_entries("socks")
 
-    def snapshot_bytes(self) -> bytes:
-        """Run iter/tcp: one raw record per live TCP socket in this netns."""
-        return read_iterator(self._snapshot_link)
+    def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
+        """Run iter/tcp: one raw record per live TCP socket of a network namespace
+        (ours, or the one at ``netns_path``)."""
+        link = self._snapshot_link
+        if netns_path is None:
+            return read_all(create_iterator(link))
+        return read_all(netns.call_in(netns_path, lambda: create_iterator(link)))
 
     def stats(self) -> dict[records.Stat, int]:
         values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)

@@ -23,10 +23,11 @@ class EventReader:
         self.records_read += len(events) + bad
         return events
 
-    def snapshot(self) -> tuple[int, list[records.ConnEvent]]:
-        """(CLOCK_MONOTONIC ns taken just before the walk, one row per live socket)."""
+    def snapshot(self, netns_path: str | None = None) -> tuple[int, list[records.ConnEvent]]:
+        """(CLOCK_MONOTONIC ns taken just before the walk, one row per live socket)
+        for our network namespace or the one at ``netns_path``."""
         started = time.monotonic_ns()
-        data = self._probes.snapshot_bytes()
+        data = self._probes.snapshot_bytes(netns_path)
         rows, bad = records.decode_many(iter_records(data, records.EVENT_SIZE))
         self.decode_errors += bad
         return started, rows

@@ -3,6 +3,11 @@ leaves nothing behind."""
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+
+import psutil
 
 from sockwatch.records import Role
 
@@ -44,3 +49,43 @@ def test_netns_pair_connects(netns_pair):
     out, err = client.communicate(timeout=10)
     server.wait(timeout=10)
     assert out.strip() == "hello", err
+
+
+
+def test_reconcile_walks_other_namespaces(monitor, netns_pair):
+    """iter/tcp only sees the reader's namespace; the monitor must enter the
+    others it has rows in, so counters there stay live (not frozen at OPEN)."""
+    script = f"""
+        import socket, sys
+        s = socket.create_server(("{netns_pair.addr_b}", 7001))
+        c = socket.create_connection(("{netns_pair.addr_b}", 7001))
+        a, _ = s.accept()
+        a.sendall(b"!"); c.recv(1)      # both ends have announced themselves
+        print(c.getsockname()[1], flush=True)
+        sys.stdin.readline()
+        c.sendall(b"x" * 5000)
+        n = 0
+        while n < 5000:
+            n += len(a.recv(65536))
+        print("moved", flush=True)
+        sys.stdin.readline()
+    """
+    child = subprocess.Popen(
+        ["ip", "netns", "exec", netns_pair.b, sys.executable, "-c", textwrap.dedent(script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        client_port = int(child.stdout.readline())
+        monitor.poll()
+        row = lambda: next(c for c in monitor.connections() if c.ev.sport == client_port)
+        before = row()
+        assert before.ev.netns == os.stat(f"/run/netns/{netns_pair.b}").st_ino != monitor.netns
+        assert before.tgid == child.pid or psutil.Process(before.tgid).ppid() == child.pid
+        assert before.ev.payload_sent == 0
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "moved"
+        assert row().ev.payload_sent == 5000  # refreshed by walking namespace b
+    finally:
+        child.kill()
+        child.wait()
