@@ -31,6 +31,9 @@ def _cgroup(proc_root: str, pid: int) -> str:
     for line in lines:
         if line.startswith("0::"):
             return line[3:]
+    for line in lines:
+        if line.split(":", 2)[1:2] == ["name=systemd"]:
+            return line.split(":", 2)[2]
     return lines[0].split(":", 2)[-1] if lines else ""
 
 

@@ -3,9 +3,9 @@
 The ctypes structures below follow the C structs field for field; the loader
 compares them with the BTF of the object it loads (``check_layout``), so a
 stale object or an edited header fails loudly instead of decoding garbage.
-Decoding uses one precompiled ``struct.Struct`` derived from that layout:
-about a microsecond a record, and it never raises on bad input (malformed
-records are counted by the caller).
+Decoding uses one precompiled ``struct.Struct`` matching that layout: about
+a microsecond a record. On bad input ``decode`` raises DecodeError and only
+that; ``decode_many`` never raises and counts the malformed records.
 """
 
 from __future__ import annotations

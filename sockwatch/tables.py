@@ -8,7 +8,8 @@ Ordering rules (records from before a row's incarnation must not touch it,
 since the kernel reuses sock addresses quickly):
 - a connection is alive from ``alive_since_ns``: its first state timestamp, or
   the snapshot that first saw it when it predates sockwatch;
-- a CLOSE older than that belongs to an earlier socket at the same address;
+- a CLOSE older than that belongs to an earlier socket at the same address, and
+  a record of a socket opened after it means that row's close was missed;
 - a reconciliation removes only rows alive before the snapshot began that the
   snapshot did not see, in the snapshot's own network namespace.
 """
@@ -91,6 +92,11 @@ class ConnTable:
             return
         if ev.ts_ns < conn.alive_since_ns:
             return  # a record from an earlier socket at this address
+        if ev.open_ns > conn.alive_since_ns:
+            # A later socket at the same address: the old one closed unseen.
+            self._retire(conn, ev.open_ns, "stale_replaced")
+            self._upsert(ev, seen_ns)
+            return
         if ev.ts_ns >= conn.ev.ts_ns:
             conn.ev = ev
         if ev.kind == Kind.OPEN:
@@ -139,12 +145,16 @@ class ConnTable:
             if key not in seen and conn.ev.netns in walked and conn.alive_since_ns < snapshot_ns
         ]
         for key in gone:
-            conn = self.live.pop(key)
-            conn.closed_ns = snapshot_ns
-            conn.reconciled = True
-            self.closed.append(conn)
-        self.counters["reconciled_removed"] += len(gone)
+            self._retire(self.live[key], snapshot_ns, "reconciled_removed")
         return len(gone)
+
+    def _retire(self, conn: Connection, when_ns: int, counter: str) -> None:
+        """Move a row whose close was never seen to the closed ring, and count it."""
+        del self.live[conn.key]
+        conn.closed_ns = when_ns
+        conn.reconciled = True
+        self.closed.append(conn)
+        self.counters[counter] += 1
 
     # -- reading -------------------------------------------------------------------
     def snapshot(self) -> list[Connection]:

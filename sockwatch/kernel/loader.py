@@ -108,9 +108,8 @@ def _pick_tracepoint_flavour(feats: feat.KernelFeatures, mode: str) -> str:
 def _pick_function_flavour(feats: feat.KernelFeatures, mode: str) -> str | None:
     if mode in feat.FUNCTION_FLAVOURS:
         if not feats.allows(mode):
-            raise AttachError(
-                f"attach mode {mode} is not available on this kernel: {feats.probes[mode].detail}"
-            )
+            why = feats.probes.get(mode, feat.Probe(False, "not probed")).detail
+            raise AttachError(f"attach mode {mode} is not available on this kernel: {why}")
         return mode
     if mode != "auto":  # a forced tracepoint flavour: use tracepoints only
         return None
@@ -161,7 +160,7 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
 def _verifier_excerpt(log: list[str], tail: int = 25) -> str:
     """The end of the failing program's verifier log: where the verdict is."""
     end = max((i for i, ln in enumerate(log) if "END PROG LOAD LOG" in ln), default=len(log))
-    begin = max((i for i, ln in enumerate(log[:end]) if "BEGIN PROG LOAD LOG" in ln), default=0)
+    begin = max((i for i, ln in enumerate(log[:end]) if "BEGIN PROG LOAD LOG" in ln), default=-1)
     body = log[max(begin + 1, end - tail) : end]
     culprit = [ln for ln in log if "failed to load" in ln and "prog '" in ln]
     return "\n".join(culprit[:1] + body)

@@ -29,5 +29,5 @@ class EventReader:
         started = time.monotonic_ns()
         data = self._probes.snapshot_bytes(netns_path)
         rows, bad = records.decode_many(iter_records(data, records.EVENT_SIZE))
-        self.decode_errors += bad
+        self.decode_errors += bad + (len(data) % records.EVENT_SIZE != 0)  # a torn tail
         return started, rows

@@ -36,6 +36,7 @@ STATE_ALIASES = {
     "close-wait": "CLOSE-WAIT",
     "last-ack": "LAST-ACK",
     "listen": "LISTEN",
+    "listening": "LISTEN",
     "closing": "CLOSING",
 }
 

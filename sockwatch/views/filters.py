@@ -1,4 +1,4 @@
-"""Row filters shared by ``table`` and ``trace`` (--pid, --comm, --port, --state)."""
+"""Row filters shared by ``table`` and ``trace`` (--pid, --comm, --port; --state is table-only)."""
 
 from __future__ import annotations
 

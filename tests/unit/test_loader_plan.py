@@ -1,0 +1,199 @@
+"""Choosing a variant per hook from probed kernel features (loader.plan_attachments).
+
+On the development machines fentry is refused and kprobes are missing, so the
+fallback plan is the one that runs: it must be complete (state, connect,
+accept and snapshot all covered), and a forced mode that cannot work must
+say so in one line instead of half-attaching.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sockwatch.errors import AttachError
+from sockwatch.kernel.features import KernelFeatures, Probe
+from sockwatch.kernel.loader import LoaderConfig, _verifier_excerpt, plan_attachments
+
+EPERM = Probe(False, "Operation not permitted")
+NO_KPROBES = Probe(False, "kprobes are not compiled into this kernel")
+NO_TRACEFS = Probe(False, "tracefs is not mounted at /sys/kernel/tracing")
+OK = Probe(True)
+
+
+def feats(**probes: Probe) -> KernelFeatures:
+    """Defaults: the development machines (fentry EPERM, no kprobes, no tracefs)."""
+    base = {"fentry": EPERM, "kprobe": NO_KPROBES, "tp_btf": OK, "raw_tp": OK,
+            "tracepoint": NO_TRACEFS, "iter": OK}
+    base.update(probes)
+    return KernelFeatures(release="6.18.0", btf=True, tracefs=False, kprobe_pmu=False,
+                          probes=base)
+
+
+def hooks(plan) -> dict[str, tuple[str, tuple[str, ...]]]:
+    return {h.hook: (h.mode, h.programs) for h in plan.hooks}
+
+
+def test_fallback_plan_on_development_kernel():
+    """fentry refused, kprobe missing: tp_btf state hook, connect from the state hook,
+    accept from first use, iter snapshot."""
+    plan = plan_attachments(feats(), LoaderConfig())
+    assert plan.tracepoint_flavour == "tp_btf" and plan.function_flavour is None
+    assert hooks(plan) == {
+        "state": ("tp_btf", ("set_state_btf",)),
+        "connect": ("state", ()),
+        "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
+        "snapshot": ("iter", ("dump_tcp",)),
+    }
+    assert [h.hook for h in plan.hooks] == ["state", "connect", "accept", "snapshot"]
+    assert plan.programs == {"set_state_btf", "send_btf", "recv_btf", "dump_tcp"}
+    # no syscall hook unless asked for: it taxes every syscall on the host
+    assert not any("accept_sys" in p for p in plan.programs)
+
+
+def test_precise_accept_uses_syscall_exit():
+    plan = plan_attachments(feats(), LoaderConfig(precise_accept=True))
+    assert hooks(plan)["accept"] == ("syscall/tp_btf", ("accept_sys_btf",))
+    assert "send_btf" not in plan.programs and "recv_btf" not in plan.programs
+
+
+def test_only_raw_tp_available_uses_raw_tp_everywhere():
+    plan = plan_attachments(feats(tp_btf=Probe(False, "no kernel BTF")), LoaderConfig())
+    assert plan.tracepoint_flavour == "raw_tp"
+    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw",))
+    assert hooks(plan)["accept"] == ("first-use/raw_tp", ("send_raw", "recv_raw"))
+    precise = plan_attachments(feats(tp_btf=EPERM), LoaderConfig(precise_accept=True))
+    assert hooks(precise)["accept"] == ("syscall/raw_tp", ("accept_sys_raw",))
+
+
+def test_classic_tracepoint_is_last_resort():
+    plan = plan_attachments(feats(tp_btf=EPERM, raw_tp=EPERM, tracepoint=OK), LoaderConfig())
+    assert hooks(plan)["state"] == ("tracepoint", ("set_state_tp",))
+    assert hooks(plan)["accept"] == ("first-use/tracepoint", ("send_tp", "recv_tp"))
+
+
+def test_forced_tracepoint_flavour_is_used_even_if_a_better_one_exists():
+    """--attach raw_tp checks that raw_tp works: it must not quietly pick tp_btf or fentry."""
+    plan = plan_attachments(feats(fentry=OK), LoaderConfig(attach_mode="raw_tp"))
+    assert plan.function_flavour is None
+    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw",))
+    assert hooks(plan)["connect"] == ("state", ())
+
+
+@pytest.mark.parametrize("mode", ["tracepoint", "fentry", "kprobe", "tp_btf"])
+def test_forcing_unavailable_mode_raises_attach_error_naming_it(mode):
+    f = feats(tp_btf=Probe(False, "no kernel BTF at /sys/kernel/btf/vmlinux"))
+    with pytest.raises(AttachError) as info:
+        plan_attachments(f, LoaderConfig(attach_mode=mode))
+    msg = str(info.value)
+    assert mode in msg and f.probes[mode].detail in msg
+    assert "\n" not in msg
+
+
+def test_unknown_mode_raises_attach_error():
+    with pytest.raises(AttachError, match="nonsense"):
+        plan_attachments(feats(), LoaderConfig(attach_mode="nonsense"))
+
+
+def test_no_iter_raises_attach_error():
+    """Without iter/tcp there is no seed and no reconciliation: refuse to start."""
+    with pytest.raises(AttachError, match="iter/tcp.*Invalid argument"):
+        plan_attachments(feats(iter=Probe(False, "Invalid argument")), LoaderConfig())
+    with pytest.raises(AttachError, match="iter"):
+        f = feats()
+        del f.probes["iter"]
+        plan_attachments(f, LoaderConfig())
+
+
+def test_no_tracepoint_flavour_raises_with_every_reason():
+    f = feats(tp_btf=Probe(False, "no BTF"), raw_tp=EPERM)
+    with pytest.raises(AttachError) as info:
+        plan_attachments(f, LoaderConfig())
+    msg = str(info.value)
+    assert "tp_btf: no BTF" in msg and "raw_tp: Operation not permitted" in msg
+    assert "tracepoint: tracefs is not mounted" in msg
+
+
+def test_fentry_allowed_uses_function_programs():
+    plan = plan_attachments(feats(fentry=OK), LoaderConfig())
+    assert plan.function_flavour == "fentry"
+    assert hooks(plan) == {
+        "state": ("tp_btf", ("set_state_btf",)),
+        "connect": ("fentry", ("connect_fentry",)),
+        "accept": ("fentry", ("accept_fexit",)),
+        "snapshot": ("iter", ("dump_tcp",)),
+    }
+    # precise_accept is moot when accept is hooked at the function: no syscall tax
+    assert "accept_sys_btf" not in plan_attachments(
+        feats(fentry=OK), LoaderConfig(precise_accept=True)).programs
+
+
+def test_kprobe_when_fentry_refused():
+    plan = plan_attachments(feats(kprobe=OK), LoaderConfig())
+    assert hooks(plan)["connect"] == ("kprobe", ("connect_kprobe",))
+    assert hooks(plan)["accept"] == ("kprobe", ("accept_kretprobe",))
+
+
+def test_forced_fentry_keeps_best_tracepoint_for_state():
+    plan = plan_attachments(feats(fentry=OK, tp_btf=EPERM), LoaderConfig(attach_mode="fentry"))
+    assert plan.tracepoint_flavour == "raw_tp" and plan.function_flavour == "fentry"
+
+
+def test_forcing_unprobed_function_mode_raises_attach_error():
+    f = feats()
+    del f.probes["kprobe"]
+    with pytest.raises(AttachError, match="kprobe"):
+        plan_attachments(f, LoaderConfig(attach_mode="kprobe"))
+
+
+# -- verifier log excerpt ---------------------------------------------------------------
+
+
+def _verifier_log(n_insns: int) -> list[str]:
+    return (
+        ["libbpf: loading object 'lifecycle_bpf' from buffer",
+         "libbpf: prog 'set_state_btf': BPF program load failed: Permission denied",
+         "libbpf: prog 'set_state_btf': -- BEGIN PROG LOAD LOG --"]
+        + [f"{i}: (b7) r{i % 10} = {i}" for i in range(n_insns)]
+        + ["R1 invalid mem access 'scalar'",
+           "processed 42 insns (limit 1000000) max_states_per_insn 0",
+           "-- END PROG LOAD LOG --",
+           "libbpf: prog 'set_state_btf': failed to load: -13",
+           "libbpf: failed to load object 'lifecycle_bpf'"]
+    )
+
+
+def test_verifier_excerpt_keeps_culprit_and_tail():
+    """The verdict is at the end of a long log; the failing program's name is on its own line."""
+    log = _verifier_log(200)
+    lines = _verifier_excerpt(log).splitlines()
+    assert lines[0] == "libbpf: prog 'set_state_btf': failed to load: -13"
+    assert lines[-2:] == ["R1 invalid mem access 'scalar'",
+                          "processed 42 insns (limit 1000000) max_states_per_insn 0"]
+    assert len(lines) == 1 + 25
+    assert "0: (b7) r0 = 0" not in lines  # the head of a long log is dropped
+    assert not any("END PROG LOAD LOG" in ln or "BEGIN PROG LOAD LOG" in ln for ln in lines)
+
+
+def test_verifier_excerpt_short_log_starts_after_begin_marker():
+    log = _verifier_log(3)
+    lines = _verifier_excerpt(log).splitlines()
+    assert lines == ["libbpf: prog 'set_state_btf': failed to load: -13",
+                     "0: (b7) r0 = 0", "1: (b7) r1 = 1", "2: (b7) r2 = 2",
+                     "R1 invalid mem access 'scalar'",
+                     "processed 42 insns (limit 1000000) max_states_per_insn 0"]
+
+
+def test_verifier_excerpt_tail_is_configurable():
+    lines = _verifier_excerpt(_verifier_log(50), tail=3).splitlines()
+    assert lines[1:] == ["49: (b7) r9 = 49", "R1 invalid mem access 'scalar'",
+                         "processed 42 insns (limit 1000000) max_states_per_insn 0"]
+
+
+def test_verifier_excerpt_without_markers_keeps_the_tail():
+    log = [f"libbpf: line {i}" for i in range(100)]
+    assert _verifier_excerpt(log).splitlines() == log[-25:]
+
+
+def test_verifier_excerpt_without_markers_keeps_short_log_whole():
+    log = ["libbpf: map 'events': failed to create: Operation not permitted"]
+    assert _verifier_excerpt(log) == log[0]

@@ -1,0 +1,243 @@
+"""ConnTable: how OPEN / CLOSE / SNAPSHOT records become live and closed rows.
+
+The kernel reuses sock addresses quickly and records arrive from two sources
+(ring buffer and iter/tcp) in no guaranteed order, so the ordering rules here
+decide whether the table shows ghosts, loses live connections, or attributes a
+socket to the wrong process.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from recfactory import NETNS, event
+from sockwatch import records
+from sockwatch.records import Attrib, Kind, Result, Role
+from sockwatch.tables import ConnTable
+
+SYN_SENT, ESTAB, CLOSE = records.TCP_SYN_SENT, records.TCP_ESTABLISHED, records.TCP_CLOSE
+A, B, C, D, E = (0xFFFF888000000000 + i * 0x1000 for i in range(1, 6))
+
+
+def opened(skaddr=A, t=1_000, **kw):
+    """OPEN of a client that entered SYN_SENT at ``t`` and ESTABLISHED just after."""
+    kw.setdefault("state_ns", {SYN_SENT: t, ESTAB: t + 10})
+    return event(kind=Kind.OPEN, skaddr=skaddr, ts_ns=t + 10, state=ESTAB,
+                 oldstate=SYN_SENT, **kw)
+
+
+def closed(skaddr=A, t=5_000, **kw):
+    kw.setdefault("state_ns", {SYN_SENT: 1_000, ESTAB: 1_010, CLOSE: t})
+    kw.setdefault("oldstate", ESTAB)
+    return event(kind=Kind.CLOSE, skaddr=skaddr, ts_ns=t, state=CLOSE, **kw)
+
+
+def snap(skaddr=A, t=10_000, **kw):
+    kw.setdefault("role", Role.UNKNOWN)
+    kw.setdefault("attrib", Attrib.NONE)
+    kw.setdefault("state_ns", {})
+    return event(kind=Kind.SNAPSHOT, skaddr=skaddr, ts_ns=t, state=ESTAB, **kw)
+
+
+def test_open_then_close_moves_to_closed_and_counts_result():
+    """The normal life: one live row, then one closed row carrying the final counters."""
+    tbl = ConnTable()
+    tbl.apply(opened(tgid=77, comm=b"curl", fd=5))
+    assert list(tbl.live) == [A]
+    conn = tbl.live[A]
+    assert (conn.tgid, conn.comm, conn.fd, conn.seen_by) == (77, "curl", 5, "event")
+    assert conn.alive_since_ns == 1_000
+    assert tbl.counters["opened_client"] == 1
+
+    tbl.apply(closed(result=Result.RESET, bytes_sent=4096, tgid=77, comm=b"curl"))
+    assert tbl.live == {}
+    [gone] = tbl.recently_closed()
+    assert gone.closed_ns == 5_000 and not gone.reconciled
+    assert gone.ev.kind is Kind.CLOSE and gone.ev.bytes_sent == 4096
+    assert gone.fd == 5  # learned at open; the CLOSE record carried fd -1
+    assert tbl.ended == {(Role.CLIENT, Result.RESET): 1}
+
+
+def test_close_of_unknown_socket_lands_in_closed():
+    """A failed connect (or a socket born and dead between two reads) has only a CLOSE."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=B))
+    tbl.apply(closed(skaddr=A, t=3_000, result=Result.REFUSED, oldstate=SYN_SENT,
+                     state_ns={SYN_SENT: 2_000, CLOSE: 3_000}, tgid=9, comm=b"nc"))
+    assert list(tbl.live) == [B]
+    [gone] = tbl.closed
+    assert (gone.key, gone.tgid, gone.comm, gone.seen_by) == (A, 9, "nc", "event")
+    assert gone.alive_since_ns == 2_000 and gone.closed_ns == 3_000
+    assert tbl.ended[(Role.CLIENT, Result.REFUSED)] == 1
+
+
+def test_close_older_than_live_entry_does_not_remove_it():
+    """A late CLOSE of an earlier socket at a reused address must not kill the new one."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=8_000, tgid=2, comm=b"new"))
+    late = closed(skaddr=A, t=6_000, tgid=1, comm=b"old",
+                  state_ns={SYN_SENT: 1_000, ESTAB: 1_010, CLOSE: 6_000})
+    tbl.apply(late)
+    assert A in tbl.live
+    live = tbl.live[A]
+    assert (live.tgid, live.comm, live.ev.kind, live.alive_since_ns) == (2, "new", Kind.OPEN, 8_000)
+    # the old socket's close is still a real close: it is recorded on its own
+    [gone] = tbl.closed
+    assert (gone.tgid, gone.comm, gone.closed_ns) == (1, "old", 6_000)
+
+
+def test_open_older_than_live_entry_is_ignored():
+    """Records from before a row's incarnation must not touch it (counters, owner, state)."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=8_000, tgid=2, comm=b"new", bytes_sent=10))
+    tbl.apply(opened(skaddr=A, t=1_000, tgid=1, comm=b"old", bytes_sent=999,
+                     attrib=Attrib.CONNECT))
+    live = tbl.live[A]
+    assert (live.tgid, live.comm, live.ev.bytes_sent) == (2, "new", 10)
+
+
+def test_snapshot_rows_seed_connections():
+    """Sockets that predate sockwatch appear from the iter/tcp walk, marked as such."""
+    tbl = ConnTable()
+    seen = tbl.merge_snapshot([
+        snap(skaddr=A, t=10_000, tgid=0, comm=b""),
+        snap(skaddr=B, t=10_000, tgid=300, comm=b"sshd", attrib=Attrib.LISTENER,
+             role=Role.LISTENER),
+    ])
+    assert seen == {A, B}
+    assert {k: c.seen_by for k, c in tbl.live.items()} == {A: "snapshot", B: "snapshot"}
+    # no state timestamps: alive since the walk that first saw it
+    assert tbl.live[A].alive_since_ns == 10_000
+    assert tbl.live[A].owner_is_guess and tbl.live[B].owner_is_guess
+    # snapshots are not opens
+    assert not any(v for k, v in tbl.counters.items() if k.startswith("opened_"))
+
+
+def test_snapshot_refreshes_counters_of_existing_connection():
+    """Periodic walks bring fresh byte counters; the row keeps how it was first learned."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=1_000, bytes_sent=10, tgid=5, comm=b"app"))
+    tbl.merge_snapshot([snap(skaddr=A, t=20_000, bytes_sent=123_456, tgid=5, comm=b"app")])
+    conn = tbl.live[A]
+    assert conn.ev.bytes_sent == 123_456 and conn.ev.ts_ns == 20_000
+    assert conn.seen_by == "event" and conn.alive_since_ns == 1_000
+    # an older walk (read before a newer record was applied) must not roll counters back
+    tbl.merge_snapshot([snap(skaddr=A, t=15_000, bytes_sent=50, tgid=5, comm=b"app")])
+    assert tbl.live[A].ev.bytes_sent == 123_456
+
+
+def test_remove_missing_removes_only_rows_the_snapshot_should_have_seen():
+    """Reconciliation repairs missed CLOSEs but must not remove rows it could not see."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=1_000))                       # seen by the walk
+    tbl.apply(opened(skaddr=B, t=2_000, tgid=42, comm=b"gone"))  # missed close
+    tbl.apply(opened(skaddr=C, t=2_000, netns=NETNS + 1))      # another namespace
+    tbl.apply(opened(skaddr=D, t=60_000))                      # opened after the walk began
+    seen = tbl.merge_snapshot([snap(skaddr=A, t=50_000)])
+    removed = tbl.remove_missing(seen, 50_000, {NETNS})
+    assert removed == 1
+    assert set(tbl.live) == {A, C, D}
+    [gone] = tbl.recently_closed()
+    assert (gone.key, gone.tgid, gone.comm) == (B, 42, "gone")
+    assert gone.reconciled and gone.closed_ns == 50_000
+    assert tbl.counters["reconciled_removed"] == 1
+    # a second pass that walked both namespaces now removes C as well
+    assert tbl.remove_missing({A, D}, 70_000, {NETNS, NETNS + 1}) == 1
+    assert set(tbl.live) == {A, D}
+    assert tbl.counters["reconciled_removed"] == 2
+
+
+def test_reconciled_row_is_not_a_close_result():
+    """A row dropped by reconciliation has no known TCP result: it is not counted in ended."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=B, t=2_000))
+    tbl.remove_missing(set(), 50_000, {NETNS})
+    assert sum(tbl.ended.values()) == 0
+
+
+@pytest.mark.parametrize("task", [Attrib.CONNECT, Attrib.ACCEPT, Attrib.FIRST_IO,
+                                  Attrib.CLOSE, Attrib.LISTEN])
+def test_task_attribution_replaces_guessed_owner(task):
+    """The listener's owner is only a guess for an accepted socket; the task that used it wins."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, role=Role.SERVER, attrib=Attrib.LISTENER, tgid=100,
+                     comm=b"master"))
+    assert tbl.live[A].owner_is_guess
+    tbl.apply(opened(skaddr=A, t=2_000, role=Role.SERVER, attrib=task, tgid=200,
+                     comm=b"worker", fd=9))
+    conn = tbl.live[A]
+    assert (conn.tgid, conn.comm, conn.fd) == (200, "worker", 9)
+    assert not conn.owner_is_guess
+
+
+def test_guess_never_replaces_resolved_owner():
+    """Once a task touched the socket, later guesses (LISTENER/NONE) keep their hands off."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, role=Role.SERVER, attrib=Attrib.FIRST_IO, tgid=200,
+                     comm=b"worker"))
+    # the same socket (same first-state times), later: only its ts_ns moves on
+    tbl.apply(event(kind=Kind.OPEN, skaddr=A, ts_ns=2_000, state=ESTAB, role=Role.SERVER,
+                    attrib=Attrib.LISTENER, tgid=100, comm=b"master",
+                    state_ns={SYN_SENT: 1_000, ESTAB: 1_010}))
+    tbl.merge_snapshot([snap(skaddr=A, t=9_000, attrib=Attrib.NONE, tgid=100, comm=b"master")])
+    conn = tbl.live[A]
+    assert (conn.tgid, conn.comm) == (200, "worker")
+
+
+def test_guess_fills_an_unknown_owner():
+    """A guess is better than nothing when no owner is known yet."""
+    tbl = ConnTable()
+    tbl.merge_snapshot([snap(skaddr=A, t=1_000, tgid=0, comm=b"")])
+    tbl.merge_snapshot([snap(skaddr=A, t=2_000, tgid=100, comm=b"master",
+                             attrib=Attrib.LISTENER)])
+    assert (tbl.live[A].tgid, tbl.live[A].comm) == (100, "master")
+
+
+def test_closed_ring_is_bounded():
+    """Recently closed rows are a ring: memory stays bounded under connection churn."""
+    tbl = ConnTable(closed_capacity=3)
+    for i in range(7):
+        tbl.apply(closed(skaddr=A + i, t=5_000 + i))
+    assert len(tbl.closed) == 3
+    assert [c.closed_ns for c in tbl.recently_closed()] == [5_004, 5_005, 5_006]
+    assert sum(tbl.ended.values()) == 7  # counting is not bounded by the ring
+
+
+def test_max_live_caps_table_and_counts_table_full():
+    """Beyond max_live new rows are dropped and counted, never silently."""
+    tbl = ConnTable(max_live=2)
+    tbl.apply(opened(skaddr=A))
+    tbl.apply(opened(skaddr=B))
+    tbl.apply(opened(skaddr=C))
+    tbl.merge_snapshot([snap(skaddr=D)])
+    assert set(tbl.live) == {A, B}
+    assert tbl.counters["table_full"] == 2
+    # updates of rows already in the table are still applied
+    tbl.apply(event(kind=Kind.OPEN, skaddr=A, ts_ns=1_500, state=ESTAB, bytes_sent=77,
+                    state_ns={SYN_SENT: 1_000, ESTAB: 1_010}))
+    assert tbl.live[A].ev.bytes_sent == 77 and tbl.counters["table_full"] == 2
+    # a close of a dropped socket is still recorded (it carries everything)
+    tbl.apply(closed(skaddr=C))
+    assert [c.key for c in tbl.closed] == [C]
+
+
+def test_snapshot_copies_are_independent():
+    """Views keep snapshot() rows while the table moves on; mutating a copy must not leak back."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, tgid=5, fd=3))
+    rows = tbl.snapshot()
+    rows[0].fd, rows[0].tgid = 99, 1
+    assert (tbl.live[A].fd, tbl.live[A].tgid) == (3, 5)
+
+
+def test_new_incarnation_at_reused_address_replaces_stale_row():
+    """If the CLOSE of socket 1 was lost (ring buffer full), socket 2 at the same address
+    must not inherit socket 1's fd and age."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=1_000, tgid=10, comm=b"first", fd=5))
+    # ... CLOSE of the first socket lost; the kernel reuses the address ...
+    tbl.apply(opened(skaddr=A, t=90_000, tgid=20, comm=b"second", fd=-1))
+    conn = tbl.live[A]
+    assert conn.tgid == 20
+    assert conn.fd == -1
+    assert conn.alive_since_ns == 90_000
