@@ -88,7 +88,8 @@ class ConnTable:
                 alive_since_ns=ev.open_ns or seen_ns or ev.ts_ns,
                 seen_by="snapshot" if ev.kind == Kind.SNAPSHOT else "event",
             )
-            self.counters["opened_" + ev.role.name.lower()] += ev.kind == Kind.OPEN
+            if ev.kind == Kind.OPEN:
+                self.counters["opened_" + ev.role.name.lower()] += 1
             return
         if ev.ts_ns < conn.alive_since_ns:
             return  # a record from an earlier socket at this address

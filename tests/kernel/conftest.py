@@ -54,6 +54,10 @@ def bpf_fds() -> list[str]:
     return held
 
 
+# Namespaces made by the current test (other sockwatch runs may make their own).
+MADE_NAMESPACES: set[str] = set()
+
+
 def netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
@@ -66,12 +70,12 @@ def leaves_nothing_behind() -> Iterator[None]:
     Checked per process so tests can run beside other sockwatch instances;
     .ci/run also compares `bpftool prog list` before and after the whole run.
     """
-    ns_before = netns_names()
+    MADE_NAMESPACES.clear()
     yield
     assert bpf_fds() == [], f"BPF objects still held: {bpf_fds()}"
     children = psutil.Process().children(recursive=True)
     assert not children, f"processes left running: {[c.pid for c in children]}"
-    left = {n for n in netns_names() - ns_before if n.startswith("swt-")}
+    left = MADE_NAMESPACES & netns_names()
     assert not left, f"network namespaces left: {sorted(left)}"
 
 
@@ -115,6 +119,7 @@ def netns_pair() -> Iterator[NetnsPair]:
     tag = uuid.uuid4().hex[:6]
     pair = NetnsPair(f"swt-{tag}-a", f"swt-{tag}-b", f"swa{tag}", f"swb{tag}",
                      "10.213.0.1", "10.213.0.2")
+    MADE_NAMESPACES.update((pair.a, pair.b))
     try:
         run(["ip", "netns", "add", pair.a])
         run(["ip", "netns", "add", pair.b])

@@ -77,7 +77,15 @@ def test_reconcile_walks_other_namespaces(monitor, netns_pair):
     try:
         client_port = int(child.stdout.readline())
         monitor.poll()
-        row = lambda: next(c for c in monitor.connections() if c.ev.sport == client_port)
+        def row():
+            conns = monitor.connections()
+            mine = [c for c in conns if c.ev.sport == client_port]
+            assert mine, (client_port, dict(monitor.table.counters),
+                          [(c.ev.sport, c.ev.dport, c.ev.netns, c.reconciled)
+                           for c in monitor.table.recently_closed()][-8:],
+                          [(c.ev.sport, c.ev.dport, c.ev.netns) for c in conns][-8:])
+            return mine[0]
+
         before = row()
         assert before.ev.netns == os.stat(f"/run/netns/{netns_pair.b}").st_ino != monitor.netns
         assert before.tgid == child.pid or psutil.Process(before.tgid).ppid() == child.pid
