@@ -582,6 +582,9 @@ int dump_tcp(struct bpf_iter__tcp *ctx)
 	s = bpf_map_lookup_elem(&socks, &key);
 	build_event(e, s, (const struct sock *)tp, bpf_ktime_get_ns());
 	e->kind = SW_KIND_SNAPSHOT;
+	/* A listener that predates us is still plainly a listener. */
+	if (!s && e->state == TCP_LISTEN)
+		e->sock.role = SW_ROLE_LISTENER;
 	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
 	return 0;
 }

@@ -2,13 +2,22 @@
 # Installs everything sockwatch needs on a fresh Debian/Ubuntu machine, as root:
 # system packages (clang, libbpf, bpftool, iproute2), the compiled CO-RE BPF
 # objects, and the Python package in its own virtualenv under $PREFIX, with
-# `sockwatch` linked into /usr/local/bin. With --test, test tools as well.
+# `sockwatch` linked into /usr/local/bin, the systemd unit and an example config
+# in /etc/sockwatch. With --test, test tools as well. With --run, it then starts
+# the daemon: through systemd where systemd runs, in the foreground elsewhere.
 set -euo pipefail
 
 PREFIX=${PREFIX:-/opt/sockwatch}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 WITH_TESTS=0
-[ "${1:-}" = "--test" ] && WITH_TESTS=1
+RUN=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) WITH_TESTS=1 ;;
+        --run) RUN=1 ;;
+        *) echo "install.sh: unknown option $arg (use --test or --run)" >&2; exit 2 ;;
+    esac
+done
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: run as root (it installs system packages and loads BPF)" >&2
@@ -38,4 +47,21 @@ else
     "$PREFIX/venv/bin/pip" install -q "$HERE"
 fi
 ln -sf "$PREFIX/venv/bin/sockwatch" /usr/local/bin/sockwatch
+
+echo "== installing the systemd unit and /etc/sockwatch/sockwatch.toml"
+install -d -m 0755 /etc/sockwatch
+[ -f /etc/sockwatch/sockwatch.toml ] || install -m 0644 "$HERE/systemd/sockwatch.toml" /etc/sockwatch/
+install -D -m 0644 "$HERE/systemd/sockwatch.service" /etc/systemd/system/sockwatch.service
 echo "== installed: $(sockwatch --version)"
+
+if [ $RUN -eq 1 ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable --now sockwatch.service
+        systemctl --no-pager status sockwatch.service | head -5
+        echo "== metrics: curl http://127.0.0.1:9873/metrics ; live table: sockwatch table"
+    else
+        echo "== systemd is not running here: starting the daemon in the foreground (Ctrl-C stops it)"
+        exec sockwatch daemon --config /etc/sockwatch/sockwatch.toml
+    fi
+fi

@@ -1,4 +1,4 @@
-"""Command line: ``sockwatch table | trace | probes``.
+"""Command line: ``sockwatch daemon | table | trace | probes``.
 
 Every failure reaches the user as one line on stderr and a non-zero status:
 2 for bad arguments, 1 for everything else (no privileges, missing BPF
@@ -15,7 +15,11 @@ import threading
 import time
 from typing import Sequence
 
+from pathlib import Path
+
 from sockwatch import __version__
+from sockwatch import config as configuration
+from sockwatch.client import DaemonClient
 from sockwatch.errors import NotPrivilegedError, SockwatchError, UsageError
 from sockwatch.kernel import features, loader
 from sockwatch.monitor import Monitor
@@ -37,6 +41,12 @@ EPILOG_TRACE = """examples:
   sockwatch trace                      connect/accept/listen/close/fail as they happen
   sockwatch trace --comm curl --json   one JSON object per line
   sockwatch trace --duration 10        stop after ten seconds
+"""
+EPILOG_DAEMON = """examples:
+  sockwatch daemon                                 config from /etc/sockwatch/sockwatch.toml if present
+  sockwatch daemon --config ./sockwatch.toml --check-config
+  sockwatch daemon --listen 0.0.0.0:9873           expose /metrics beyond localhost
+  sockwatch daemon --print-example-config > /etc/sockwatch/sockwatch.toml
 """
 EPILOG_PROBES = """examples:
   sockwatch probes                     kernel facts and the variant chosen per hook
@@ -131,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--port", type=_port, help="only sockets with this local or remote port")
     f.add_argument("--json", action="store_true", help="machine-readable output")
 
+    source = argparse.ArgumentParser(add_help=False)
+    source.add_argument("--url", metavar="URL",
+                        help="read from a running daemon (e.g. http://127.0.0.1:9873) "
+                        "instead of attaching probes")
+
     p = _Parser(
         prog="sockwatch",
         description="Watch every TCP socket on this host from inside the kernel (eBPF).",
@@ -140,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser(
-        "table", parents=[kernel, filters], epilog=EPILOG_TABLE,
+        "table", parents=[kernel, filters, source], epilog=EPILOG_TABLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="live table of TCP sockets: process, fd, 5-tuple, state, bytes, age",
         description="Print every TCP socket with the process and fd that hold it.",
@@ -152,13 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep watching this long before printing (fills --closed)")
 
     tr = sub.add_parser(
-        "trace", parents=[kernel, filters], epilog=EPILOG_TRACE,
+        "trace", parents=[kernel, filters, source], epilog=EPILOG_TRACE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="stream connection events: connect, accept, listen, close, failures",
         description="Stream TCP connection events as they happen, until Ctrl-C.",
     )
     tr.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
     tr.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
+
+    d = sub.add_parser(
+        "daemon", epilog=EPILOG_DAEMON, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run as a service: probes, tables, /metrics and the JSON API",
+        description="Attach the probes, keep the tables, and serve /metrics, /healthz and /api/*.",
+    )
+    d.add_argument("--config", type=Path, metavar="PATH",
+                   help=f"TOML config (default {configuration.DEFAULT_PATH}, if it exists)")
+    d.add_argument("--check-config", action="store_true",
+                   help="validate the config and flags, print the result, and exit")
+    d.add_argument("--print-example-config", action="store_true",
+                   help="print a config file with every key and its default, and exit")
+    d.add_argument("--listen", metavar="HOST:PORT", help="overrides listen.address")
+    d.add_argument("--attach", choices=loader.ATTACH_MODES, help="overrides probes.attach")
+    d.add_argument("--precise-accept", action="store_true", default=None,
+                   help="overrides probes.precise_accept")
+    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
     pr = sub.add_parser(
         "probes", parents=[kernel], epilog=EPILOG_PROBES,
@@ -175,6 +207,7 @@ def _loader_config(args: argparse.Namespace) -> loader.LoaderConfig:
 
 
 def _filter(args: argparse.Namespace) -> Filter:
+    """The --pid/--comm/--port/--state filter of table and trace."""
     return Filter(
         pids=frozenset(args.pid),
         comm=args.comm,
@@ -189,6 +222,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    flt = _filter(args)
+    if args.url:
+        client = DaemonClient(args.url)
+        rows = client.get("/api/connections", comm=args.comm, port=args.port,
+                          state=args.state, closed=1 if args.closed else None)
+        if flt.pids:
+            rows = [r for r in rows if r["pid"] in flt.pids]
+        table_view.render(rows, sys.stdout, args.json)
+        return 0
     with Monitor(_loader_config(args)) as mon:
         if args.watch:
             stop = threading.Event()
@@ -201,22 +243,51 @@ def cmd_table(args: argparse.Namespace) -> int:
                 timer.cancel()
         if args.closed:
             mon.poll()
-            conns = mon.table.recently_closed()
+            with mon.lock:
+                conns = mon.table.recently_closed()
         else:
             conns = mon.connections()
-        table_view.render(table_view.select(conns, _filter(args)), sys.stdout, args.json)
+        table_view.render(table_view.rows_of(conns, flt), sys.stdout, args.json)
     return 0
+
+
+def _trace_remote(args: argparse.Namespace, stop: threading.Event,
+                  printer: trace_view.TracePrinter) -> None:
+    client = DaemonClient(args.url, timeout=10)
+    seq = client.get("/api/events", after=1 << 62)["seq"]  # start from now
+    deadline = time.monotonic() + args.duration if args.duration else None
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        got = client.get("/api/events", after=seq, wait=1)
+        seq = got["seq"]
+        events = [e for e in got["events"] if _matches_dict(e, args)]
+        printer(events, args.count)
+        if args.count and printer.printed >= args.count:
+            return
+
+
+def _matches_dict(e: dict, args: argparse.Namespace) -> bool:
+    if args.pid and e["pid"] not in args.pid:
+        return False
+    if args.comm and args.comm.lower() not in (e["process"] or "").lower():
+        return False
+    return args.port is None or args.port in (e["local_port"], e["remote_port"])
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
+    if args.url:
+        printer = trace_view.TracePrinter(sys.stdout, args.json, None)
+        printer.header()
+        _trace_remote(args, stop, printer)
+        return 0
+    flt = _filter(args)
     with Monitor(_loader_config(args)) as mon:
-        printer = trace_view.TracePrinter(sys.stdout, _filter(args), args.json, mon.started_ns)
+        printer = trace_view.TracePrinter(sys.stdout, args.json, mon.started_ns)
         printer.header()
 
         def on_events(events: list) -> None:
-            printer(events, args.count)
+            printer(trace_view.dicts_of(events, flt), args.count)
             if args.count and printer.printed >= args.count:
                 stop.set()
 
@@ -234,6 +305,32 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(f"sockwatch: {lost.ringbuf_full} events lost (ring buffer full), "
                   f"{lost.decode_errors} malformed", file=sys.stderr)
     return 0
+
+
+def _daemon_config(args: argparse.Namespace) -> configuration.Config:
+    overrides: dict[str, dict] = {}
+    if args.listen is not None:
+        overrides.setdefault("listen", {})["address"] = args.listen
+    if args.attach is not None:
+        overrides.setdefault("probes", {})["attach"] = args.attach
+    if args.precise_accept is not None:
+        overrides.setdefault("probes", {})["precise_accept"] = args.precise_accept
+    return configuration.load(args.config, overrides)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.print_example_config:
+        sys.stdout.write(configuration.to_toml_example())
+        return 0
+    cfg = _daemon_config(args)  # exits 2 on any problem, before anything is loaded
+    if args.check_config:
+        print(f"sockwatch: config OK ({cfg.source})")
+        return 0
+    require_bpf_privileges()
+    from sockwatch.daemon import Daemon, setup_logging  # imports prometheus_client
+
+    setup_logging(args.log_level)
+    return Daemon(cfg, args.config).run()
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
@@ -262,13 +359,15 @@ def cmd_probes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"table": cmd_table, "trace": cmd_trace, "probes": cmd_probes}
+COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "trace": cmd_trace, "probes": cmd_probes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        require_bpf_privileges()
+        # The daemon validates its config first (exit 2 before anything loads) and then checks.
+        if args.command != "daemon" and not getattr(args, "url", None):
+            require_bpf_privileges()
         return COMMANDS[args.command](args)
     except SockwatchError as exc:
         print(f"sockwatch: {exc}", file=sys.stderr)

@@ -47,11 +47,19 @@ class Monitor:
         cfg: loader.LoaderConfig | None = None,
         *,
         closed_capacity: int = 4096,
+        max_live: int = 262144,
+        top_processes: int = 20,
+        top_ports: int = 20,
         proc_root: str = "/proc",
         objects_dir: Path | None = None,
     ):
         self.cfg = cfg or loader.LoaderConfig()
-        self.table = ConnTable(closed_capacity=closed_capacity)
+        self.table = ConnTable(closed_capacity, max_live, top_processes, top_ports)
+        # Held while records are applied and while readers copy or aggregate, so
+        # HTTP threads never see a table half-way through a batch.
+        self.lock = threading.RLock()
+        # One thread at a time drains the ring buffer or walks the kernel.
+        self._io = threading.RLock()
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
         self._objects_dir = objects_dir
@@ -83,8 +91,10 @@ class Monitor:
     def poll(self) -> list[records.ConnEvent]:
         """Drain the ring buffer into the tables; returns the records applied."""
         assert self._reader is not None, "start() first"
-        events = self._reader.drain()
-        self.table.apply_all(events)
+        with self._io:
+            events = self._reader.drain()
+        with self.lock:
+            self.table.apply_all(events)
         return events
 
     def _other_namespaces(self) -> dict[int, str]:
@@ -106,35 +116,46 @@ class Monitor:
         process inside). Rows in namespaces that cannot be entered are left alone.
         """
         assert self._reader is not None, "start() first"
+        with self._io:
+            return self._reconcile(self._reader)
+
+    def _reconcile(self, reader: EventReader) -> int:
         self.poll()
-        taken, rows = self._reader.snapshot()
+        taken, rows = reader.snapshot()
         walked = {self.netns}
         for ino, path in self._other_namespaces().items():
             try:
-                rows += self._reader.snapshot(path)[1]
+                rows += reader.snapshot(path)[1]
             except OSError:
                 continue  # the namespace went away between finding and entering it
             walked.add(ino)
-        seen = self.table.merge_snapshot(rows)
+        with self.lock:
+            seen = self.table.merge_snapshot(rows)
         self.poll()  # closes during the walk must win over the rows read before them
-        return self.table.remove_missing(seen, taken, walked)
+        with self.lock:
+            return self.table.remove_missing(seen, taken, walked)
 
     def run(
         self,
         stop: threading.Event,
         on_events: Callable[[list[records.ConnEvent]], None] | None = None,
-        poll_interval: float = 0.1,
-        reconcile_interval: float = 5.0,
+        poll_interval: float | Callable[[], float] = 0.1,
+        reconcile_interval: float | Callable[[], float] = 5.0,
     ) -> None:
-        """Poll on a timer until ``stop`` is set (the kernel never wakes us)."""
-        next_reconcile = time.monotonic() + reconcile_interval
-        while not stop.wait(poll_interval):
+        """Poll on a timer until ``stop`` is set (the kernel never wakes us).
+
+        Intervals may be callables so a config reload takes effect at the next tick.
+        """
+        period = poll_interval if callable(poll_interval) else lambda: poll_interval
+        every = reconcile_interval if callable(reconcile_interval) else lambda: reconcile_interval
+        next_reconcile = time.monotonic() + every()
+        while not stop.wait(period()):
             events = self.poll()
             if on_events and events:
                 on_events(events)
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
-                next_reconcile = time.monotonic() + reconcile_interval
+                next_reconcile = time.monotonic() + every()
 
     # -- reading ------------------------------------------------------------------
     def resolve_owners(self, conns: list[Connection]) -> None:
@@ -154,15 +175,17 @@ class Monitor:
                 info = self.processes.lookup(pid)
                 conn.tgid, conn.comm = pid, info.name if info else conn.comm
             conn.fd = fd
-            live = self.table.live.get(conn.key)
-            if live is not None:  # remember: an fd does not change while the socket lives
-                live.tgid, live.comm, live.fd = conn.tgid, conn.comm, conn.fd
+            with self.lock:
+                live = self.table.live.get(conn.key)
+                if live is not None:  # remember: an fd does not change while the socket lives
+                    live.tgid, live.comm, live.fd = conn.tgid, conn.comm, conn.fd
 
     def connections(self, refresh: bool = True) -> list[Connection]:
         """Live connections with current counters and resolved owners."""
         if refresh:
             self.reconcile()
-        conns = self.table.snapshot()
+        with self.lock:
+            conns = self.table.snapshot()
         self.resolve_owners(conns)
         return conns
 

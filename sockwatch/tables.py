@@ -21,7 +21,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
+from sockwatch.records import (
+    TCP_ESTABLISHED,
+    TCP_SYN_RECV,
+    TCP_SYN_SENT,
+    Attrib,
+    ConnEvent,
+    Kind,
+    Result,
+    Role,
+)
+from sockwatch.totals import Totals
 
 # Attributions made by a task touching the socket; others are guesses.
 TASK_ATTRIBUTIONS = frozenset(
@@ -47,6 +57,11 @@ class Connection:
         return self.ev.skaddr
 
     @property
+    def process(self) -> str:
+        """The name used as the ``process`` label: never empty."""
+        return self.comm or "unknown"
+
+    @property
     def owner_is_guess(self) -> bool:
         """No task touched it while we watched: /proc must say who holds it."""
         return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
@@ -55,8 +70,15 @@ class Connection:
 class ConnTable:
     """``process -> fd -> socket -> 5-tuple``, applied from records."""
 
-    def __init__(self, closed_capacity: int = 4096, max_live: int = 262144):
+    def __init__(
+        self,
+        closed_capacity: int = 4096,
+        max_live: int = 262144,
+        top_processes: int = 20,
+        top_ports: int = 20,
+    ):
         self.live: dict[int, Connection] = {}
+        self.totals = Totals.with_caps(top_processes, top_ports)
         self.closed: collections.deque[Connection] = collections.deque(maxlen=closed_capacity)
         self.max_live = max_live
         self.counters: collections.Counter[str] = collections.Counter()
@@ -89,7 +111,7 @@ class ConnTable:
                 seen_by="snapshot" if ev.kind == Kind.SNAPSHOT else "event",
             )
             if ev.kind == Kind.OPEN:
-                self.counters["opened_" + ev.role.name.lower()] += 1
+                self._opened(self.live[ev.skaddr])
             return
         if ev.ts_ns < conn.alive_since_ns:
             return  # a record from an earlier socket at this address
@@ -100,9 +122,25 @@ class ConnTable:
             return
         if ev.ts_ns >= conn.ev.ts_ns:
             conn.ev = ev
-        if ev.kind == Kind.OPEN:
-            self.counters["opened_" + ev.role.name.lower()] += 1
         self._take_owner(conn, ev)
+        if ev.kind == Kind.OPEN:
+            self._opened(conn)
+
+    def _opened(self, conn: Connection) -> None:
+        """Count an opening once: connects by result, accepts by port, handshakes."""
+        ev, t = conn.ev, self.totals
+        self.counters["opened_" + ev.role.name.lower()] += 1
+        if ev.role == Role.CLIENT:
+            t.connects[(t.processes(conn.process), "ok")] += 1
+            start = ev.state_ns[TCP_SYN_SENT]
+        elif ev.role == Role.SERVER:
+            t.accepts[(t.processes(conn.process), t.ports(str(ev.sport)))] += 1
+            start = ev.state_ns[TCP_SYN_RECV]
+        else:
+            return
+        done = ev.state_ns[TCP_ESTABLISHED]
+        if start and done >= start:
+            t.histogram(t.handshake, ev.role.name.lower()).observe_ns(done - start)
 
     @staticmethod
     def _take_owner(conn: Connection, ev: ConnEvent) -> None:
@@ -125,6 +163,23 @@ class ConnTable:
         conn.closed_ns = ev.ts_ns
         self.closed.append(conn)
         self.ended[(ev.role, ev.result)] += 1
+        self._closed(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        """Fold a finished connection into the running totals."""
+        ev, t = conn.ev, self.totals
+        if ev.oldstate == TCP_SYN_SENT and ev.result != Result.OK:
+            t.connects[(t.processes(conn.process), ev.result.name.lower())] += 1
+            return
+        if ev.role == Role.LISTENER:
+            return
+        totals = t.bytes_for(conn.process)
+        totals.sent += ev.payload_sent
+        totals.received += ev.payload_received
+        totals.retransmits += ev.total_retrans
+        if conn.alive_since_ns and ev.ts_ns >= conn.alive_since_ns and conn.seen_by == "event":
+            role = ev.role.name.lower()
+            t.histogram(t.lifetime, role).observe_ns(ev.ts_ns - conn.alive_since_ns)
 
     # -- reconciliation ----------------------------------------------------------
     def merge_snapshot(self, rows: Iterable[ConnEvent]) -> set[int]:

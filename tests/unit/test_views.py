@@ -36,22 +36,25 @@ def _table() -> ConnTable:
     return tbl
 
 
-def test_select_filters_and_puts_listeners_first():
+def _rows(flt: Filter = Filter()) -> list[dict]:
+    return table_view.ordered(table_view.rows_of(_table().snapshot(), flt))
+
+
+def test_rows_filter_and_put_listeners_first():
     """Like ss output people scan: listeners on top, then by owner and port."""
-    conns = _table().snapshot()
-    rows = table_view.select(conns, Filter())
-    assert [c.key for c in rows] == [2, 3, 1]
-    assert [c.key for c in table_view.select(conns, Filter(port=443))] == [1]
-    assert [c.key for c in table_view.select(conns, Filter(state="LISTEN"))] == [2]
-    assert table_view.select(conns, Filter(pids=frozenset({12345}))) == []
+    assert [r["local_port"] for r in _rows()] == [80, 80, 40001]
+    assert [r["role"] for r in _rows()] == ["listener", "server", "client"]
+    assert [r["pid"] for r in _rows(Filter(port=443))] == [500]
+    assert [r["state"] for r in _rows(Filter(state="LISTEN"))] == ["LISTEN"]
+    assert _rows(Filter(pids=frozenset({12345}))) == []
 
 
 def test_render_text_has_header_and_one_line_per_row():
-    conns = table_view.select(_table().snapshot(), Filter())
+    rows = _rows()
     out = io.StringIO()
-    table_view.render(conns, out, as_json=False)
+    table_view.render(rows, out, as_json=False)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 1 + len(conns)
+    assert len(lines) == 1 + len(rows)
     assert lines[0].split() == list(table_view.COLUMNS)
     listener, server, client = (ln.split() for ln in lines[1:])
     assert listener[:7] == ["900", "nginx", "6", "listener", "LISTEN", "0.0.0.0:80", "0.0.0.0:0"]
@@ -72,15 +75,14 @@ def test_render_text_closed_rows_show_result():
     tbl.apply(event(kind=Kind.OPEN, skaddr=2, state=ESTAB, state_ns={ESTAB: 1}, ts_ns=1))
     tbl.remove_missing(set(), 100, {tbl.live[2].ev.netns})
     out = io.StringIO()
-    table_view.render(tbl.recently_closed(), out, as_json=False)
+    table_view.render(table_view.rows_of(tbl.recently_closed(), Filter()), out, as_json=False)
     states = [ln.split()[4] for ln in out.getvalue().splitlines()[1:]]
     assert states == ["REFUSED", "RECONCILED"]
 
 
 def test_render_json_parses_and_has_one_object_per_row():
-    conns = table_view.select(_table().snapshot(), Filter())
     out = io.StringIO()
-    table_view.render(conns, out, as_json=True)
+    table_view.render(_rows(), out, as_json=True)
     data = json.loads(out.getvalue())
     assert [d["pid"] for d in data] == [900, None, 500]
     assert [d["role"] for d in data] == ["listener", "server", "client"]
@@ -96,6 +98,10 @@ def test_render_json_parses_and_has_one_object_per_row():
 START = 1_000_000_000
 
 
+def _dicts(events, flt: Filter = Filter()) -> list[dict]:
+    return trace_view.dicts_of(events, flt)
+
+
 def _connects(n):
     return [event(kind=Kind.OPEN, role=Role.CLIENT, tgid=100 + i, comm=b"curl", skaddr=i,
                   sport=40000 + i, ts_ns=START + i * 500_000_000) for i in range(n)]
@@ -103,9 +109,9 @@ def _connects(n):
 
 def test_trace_header_and_lines():
     out = io.StringIO()
-    printer = trace_view.TracePrinter(out, Filter(), as_json=False, start_ns=START)
+    printer = trace_view.TracePrinter(out, as_json=False, start_ns=START)
     printer.header()
-    printer(_connects(2))
+    printer(_dicts(_connects(2)))
     lines = out.getvalue().splitlines()
     assert lines[0] == trace_view.HEADER
     assert lines[1].split() == ["0.000", "100", "curl", "connect", "10.0.0.1:40000",
@@ -117,8 +123,8 @@ def test_trace_header_and_lines():
 def test_trace_respects_count_limit_across_batches():
     """--count N stops after N events even when they arrive in several batches."""
     out = io.StringIO()
-    printer = trace_view.TracePrinter(out, Filter(), as_json=False, start_ns=START)
-    evs = _connects(5)
+    printer = trace_view.TracePrinter(out, as_json=False, start_ns=START)
+    evs = _dicts(_connects(5))
     printer(evs[:2], limit=3)
     printer(evs[2:], limit=3)
     printer(evs, limit=3)
@@ -129,10 +135,9 @@ def test_trace_respects_count_limit_across_batches():
 def test_trace_respects_filter_and_skips_snapshots():
     """Snapshot rows are table seeds, not events; filtered-out events do not count toward --count."""
     out = io.StringIO()
-    printer = trace_view.TracePrinter(out, Filter(pids=frozenset({103, 104})), as_json=True,
-                                      start_ns=START)
+    printer = trace_view.TracePrinter(out, as_json=True, start_ns=START)
     snap = event(kind=Kind.SNAPSHOT, tgid=103, comm=b"curl", role=Role.UNKNOWN)
-    printer([snap] + _connects(5), limit=1)
+    printer(_dicts([snap] + _connects(5), Filter(pids=frozenset({103, 104}))), limit=1)
     objs = [json.loads(ln) for ln in out.getvalue().splitlines()]
     assert [(o["pid"], o["event"]) for o in objs] == [(103, "connect")]
     assert printer.printed == 1
@@ -141,8 +146,8 @@ def test_trace_respects_filter_and_skips_snapshots():
 def test_trace_close_and_fail_details():
     """Closes show payload bytes and lifetime; failures show why."""
     out = io.StringIO()
-    printer = trace_view.TracePrinter(out, Filter(), as_json=False, start_ns=START)
-    printer([
+    printer = trace_view.TracePrinter(out, as_json=False, start_ns=START)
+    printer(_dicts([
         event(kind=Kind.CLOSE, state=CLOSE, oldstate=SYN_SENT, result=Result.REFUSED,
               state_ns={SYN_SENT: START, CLOSE: START + 1_000_000}, ts_ns=START + 1_000_000),
         event(kind=Kind.CLOSE, state=CLOSE, oldstate=ESTAB, result=Result.OK,
@@ -150,7 +155,7 @@ def test_trace_close_and_fail_details():
               state_ns={SYN_SENT: START, ESTAB: START + 1}, ts_ns=START + 2_000_000_000),
         event(kind=Kind.CLOSE, state=CLOSE, oldstate=ESTAB, result=Result.RESET,
               state_ns={SYN_SENT: START}, ts_ns=START + 500_000_000),
-    ])
+    ]))
     fail, ok, reset = out.getvalue().splitlines()
     assert fail.split()[3] == "fail" and fail.endswith("refused")
     assert ok.split()[3] == "close" and ok.endswith("tx 1000 rx 200 life 2.0s")
@@ -159,9 +164,9 @@ def test_trace_close_and_fail_details():
 
 def test_trace_json_lines_are_event_dicts():
     out = io.StringIO()
-    printer = trace_view.TracePrinter(out, Filter(), as_json=True, start_ns=START)
+    printer = trace_view.TracePrinter(out, as_json=True, start_ns=START)
     printer.header()  # no header in JSON mode: every line must parse
-    printer(_connects(3))
+    printer(_dicts(_connects(3)))
     objs = [json.loads(ln) for ln in out.getvalue().splitlines()]
     assert [o["pid"] for o in objs] == [100, 101, 102]
     assert all(o["event"] == "connect" and o["state"] == "ESTAB" for o in objs)

@@ -1,0 +1,152 @@
+"""Routes of the daemon's HTTP server: /metrics, /healthz and the JSON API.
+
+The JSON API is what ``sockwatch table --url`` and ``sockwatch trace --url``
+read, so the CLI shows the same rows whether it attaches itself or asks a
+running daemon. Handlers only read: they copy under the monitor's lock and
+format outside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_format
+from prometheus_client.openmetrics import exposition as openmetrics_format
+
+from sockwatch.exporters.http import Handler, Request, Response
+from sockwatch.monitor import Monitor
+from sockwatch.records import ConnEvent
+from sockwatch.views import fields
+from sockwatch.views import probes as probes_view
+from sockwatch.views.filters import Filter
+
+JSON = "application/json"
+
+
+class EventLog:
+    """The most recent connection events with sequence numbers, for /api/events."""
+
+    def __init__(self, capacity: int = 10000):
+        self._events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
+            maxlen=capacity)
+        self._seq = 0
+        self._cond = threading.Condition()
+
+    def append(self, events: list[ConnEvent]) -> None:
+        """Called from the event thread with each applied batch."""
+        with self._cond:
+            for ev in events:
+                self._seq += 1
+                self._events.append((self._seq, fields.event_dict(ev)))
+            self._cond.notify_all()
+
+    def after(self, seq: int, wait: float) -> tuple[int, list[dict[str, Any]]]:
+        """Events with a sequence number above ``seq``, waiting up to ``wait`` for one."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > seq, timeout=wait)
+            return self._seq, [e for s, e in self._events if s > seq]
+
+
+class BadQuery(ValueError):
+    pass
+
+
+def _int(query: dict[str, str], key: str, low: int, high: int) -> int | None:
+    if key not in query:
+        return None
+    try:
+        value = int(query[key])
+    except ValueError:
+        raise BadQuery(f"{key} must be an integer") from None
+    if not low <= value <= high:
+        raise BadQuery(f"{key} must be between {low} and {high}")
+    return value
+
+
+def _filter(query: dict[str, str]) -> Filter:
+    state = None
+    if "state" in query:
+        state = fields.normalize_state(query["state"])
+        if state is None:
+            raise BadQuery(f"unknown state {query['state']!r}")
+    pid = _int(query, "pid", 1, 1 << 22)
+    return Filter(pids=frozenset([pid]) if pid else frozenset(), comm=query.get("comm"),
+                  port=_int(query, "port", 1, 65535), state=state)
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(obj).encode(), JSON)
+
+
+def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog,
+                 healthy: threading.Event) -> dict[str, Handler]:
+    """All routes, closed over the monitor they read."""
+
+    def metrics(req: Request) -> Response:
+        if "application/openmetrics-text" in req.headers.get("accept", ""):
+            return Response(200, openmetrics_format.generate_latest(registry),
+                            openmetrics_format.CONTENT_TYPE_LATEST)
+        return Response(200, text_format.generate_latest(registry),
+                        text_format.CONTENT_TYPE_LATEST)
+
+    def healthz(req: Request) -> Response:
+        if healthy.is_set() and monitor.probes is not None:
+            return Response(200, b"ok\n")
+        return Response(503, b"not ready: probes not attached or event loop stopped\n")
+
+    def connections(req: Request) -> Response:
+        try:
+            flt = _filter(req.query)
+        except BadQuery as exc:
+            return _json({"error": str(exc)}, 400)
+        if req.query.get("closed") in ("1", "true"):
+            with monitor.lock:
+                conns = monitor.table.recently_closed()
+        else:
+            conns = monitor.connections(refresh=False)
+        now = time.monotonic_ns()
+        rows = [fields.connection_dict(c, now) for c in conns if flt.matches(c.ev, c.tgid, c.comm)]
+        return _json(rows)
+
+    def processes(req: Request) -> Response:
+        conns = monitor.connections(refresh=False)
+        by_pid: dict[int, dict[str, Any]] = {}
+        for c in conns:
+            if not c.tgid:
+                continue
+            row = by_pid.setdefault(c.tgid, {"pid": c.tgid, "process": c.comm, "states": {},
+                                             "bytes_sent": 0, "bytes_received": 0,
+                                             "retransmits": 0})
+            state = fields.state_name(c.ev.state)
+            row["states"][state] = row["states"].get(state, 0) + 1
+            row["bytes_sent"] += c.ev.payload_sent
+            row["bytes_received"] += c.ev.payload_received
+            row["retransmits"] += c.ev.total_retrans
+        for pid, row in by_pid.items():
+            info = monitor.processes.lookup(pid)
+            if info:
+                row.update(user=info.user, cmdline=list(info.cmdline), cgroup=info.cgroup)
+        return _json(sorted(by_pid.values(), key=lambda r: r["pid"]))
+
+    def probes(req: Request) -> Response:
+        p = monitor.probes
+        if p is None:
+            return _json({"error": "probes not attached"}, 503)
+        return _json(probes_view.as_dict(p.features, p.plan, None))
+
+    def api_events(req: Request) -> Response:
+        try:
+            after = _int(req.query, "after", 0, 1 << 62) or 0
+            wait = _int(req.query, "wait", 0, 30) or 0
+        except BadQuery as exc:
+            return _json({"error": str(exc)}, 400)
+        seq, evs = events.after(after, wait)
+        return _json({"seq": seq, "events": evs})
+
+    return {"/metrics": metrics, "/healthz": healthz, "/api/connections": connections,
+            "/api/processes": processes, "/api/probes": probes, "/api/events": api_events}

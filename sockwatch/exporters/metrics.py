@@ -1,0 +1,207 @@
+"""The Prometheus collector: reads tables and BPF maps at scrape time.
+
+Nothing here runs per record. At scrape the collector takes the monitor's
+lock once, aggregates the live table into bounded label sets (process names
+and ports go through the same sticky caps as the totals), reads the kernel's
+counters, and yields metric families. Label values: ``process`` is the
+kernel's task name; no pid, ephemeral port or 5-tuple labels unless
+per-connection series are asked for, and then capped.
+"""
+
+from __future__ import annotations
+
+import collections
+import platform
+import time
+from typing import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from sockwatch import __version__, records
+from sockwatch.monitor import Monitor
+from sockwatch.records import Role, state_name
+from sockwatch.totals import Log2Histogram
+
+P = "sockwatch_"
+
+
+def _histogram(name: str, doc: str, label: str, family: dict[str, Log2Histogram]) -> Metric:
+    m = HistogramMetricFamily(P + name, doc, labels=[label])
+    for value, h in sorted(family.items()):
+        m.add_metric([value], h.cumulative(), h.sum_s)
+    return m
+
+
+class SockwatchCollector(Collector):
+    """Yields every sockwatch metric from one consistent read of the monitor."""
+
+    def __init__(self, monitor: Monitor, per_connection: bool = False,
+                 per_connection_limit: int = 1000):
+        self.monitor = monitor
+        self.per_connection = per_connection
+        self.per_connection_limit = per_connection_limit
+        self.start_time = time.time()
+        self.last_scrape_seconds = 0.0
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # registration must not trigger a scrape
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        mon = self.monitor
+        probes = mon.probes
+        if probes is None:
+            return
+        kernel_stats = probes.stats()
+        transitions = probes.transitions()
+        loss = mon.loss()
+        with mon.lock:
+            table = mon.table
+            t = table.totals
+            live = list(table.live.values())
+            by_state: collections.Counter = collections.Counter()
+            sent: collections.Counter = collections.Counter()
+            received: collections.Counter = collections.Counter()
+            retrans: collections.Counter = collections.Counter()
+            listeners: collections.Counter = collections.Counter()
+            for conn in live:
+                ev = conn.ev
+                proc = t.processes(conn.process)
+                by_state[(state_name(ev.state), proc)] += 1
+                if ev.role == Role.LISTENER:
+                    listeners[(t.ports(str(ev.sport)), proc)] += 1
+                    continue
+                sent[proc] += ev.payload_sent
+                received[proc] += ev.payload_received
+                retrans[proc] += ev.total_retrans
+            for proc, b in t.closed_bytes.items():
+                sent[proc] += b.sent
+                received[proc] += b.received
+                retrans[proc] += b.retransmits
+            connects = dict(t.connects)
+            accepts = dict(t.accepts)
+            ended = dict(table.ended)
+            handshake = {k: v for k, v in t.handshake.items()}
+            lifetime = {k: v for k, v in t.lifetime.items()}
+            counters = dict(table.counters)
+            folded = {"process": t.processes.folded, "port": t.ports.folded}
+            per_conn = live[: self.per_connection_limit] if self.per_connection else []
+            live_count = len(live)
+
+        m = CounterMetricFamily(P + "connects", "Outgoing connection attempts by result.",
+                                labels=["process", "result"])
+        for (proc, result), n in sorted(connects.items()):
+            m.add_metric([proc, result], n)
+        yield m
+        m = CounterMetricFamily(P + "accepts", "Connections accepted, by listening port.",
+                                labels=["process", "port"])
+        for (proc, port), n in sorted(accepts.items()):
+            m.add_metric([proc, port], n)
+        yield m
+        m = CounterMetricFamily(P + "connections_closed", "Connections ended, by role and result.",
+                                labels=["role", "result"])
+        for (role, result), n in sorted(ended.items()):
+            m.add_metric([role.name.lower(), result.name.lower()], n)
+        yield m
+        m = CounterMetricFamily(P + "state_transitions", "TCP state transitions seen in the kernel.",
+                                labels=["from", "to"])
+        for (old, new), n in sorted(transitions.items()):
+            m.add_metric([state_name(old), state_name(new)], n)
+        yield m
+        m = GaugeMetricFamily(P + "connections", "Live TCP sockets by state and process.",
+                              labels=["state", "process"])
+        for (state, proc), n in sorted(by_state.items()):
+            m.add_metric([state, proc], n)
+        yield m
+        m = GaugeMetricFamily(P + "listening_sockets", "Listening sockets by port and process.",
+                              labels=["port", "process"])
+        for (port, proc), n in sorted(listeners.items()):
+            m.add_metric([port, proc], n)
+        yield m
+        for name, doc, values in (
+            ("sent_bytes", "Application payload sent (retransmissions counted once).", sent),
+            ("received_bytes", "Application payload received.", received),
+            ("retransmits", "TCP segments retransmitted.", retrans),
+        ):
+            m = CounterMetricFamily(P + name, doc, labels=["process"])
+            for proc, n in sorted(values.items()):
+                m.add_metric([proc], n)
+            yield m
+        yield _histogram("handshake_seconds",
+                         "Handshake time: SYN_SENT->ESTABLISHED (client), SYN_RECV->ESTABLISHED (server).",
+                         "role", handshake)
+        yield _histogram("connection_lifetime_seconds",
+                         "Lifetime of connections that ended (first state to close).",
+                         "role", lifetime)
+        if per_conn:
+            yield from self._per_connection(per_conn)
+
+        # -- sockwatch itself ------------------------------------------------------
+        m = CounterMetricFamily(P + "lost_events", "Records or rows lost, by the stage that dropped them.",
+                                labels=["source"])
+        m.add_metric(["ringbuf_full"], loss.ringbuf_full)
+        m.add_metric(["socks_map_full"], loss.socks_map_full)
+        m.add_metric(["decode"], loss.decode_errors)
+        m.add_metric(["table_full"], loss.table_full)
+        yield m
+        yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
+                                  value=loss.decode_errors)
+        yield CounterMetricFamily(P + "untracked_closes",
+                                  "Closes of sockets opened before sockwatch started (or evicted).",
+                                  value=kernel_stats[records.Stat.UNTRACKED_CLOSE])
+        yield CounterMetricFamily(P + "reconcile_removed",
+                                  "Connections removed because their close was never seen.",
+                                  value=counters.get("reconciled_removed", 0)
+                                  + counters.get("stale_replaced", 0))
+        m = CounterMetricFamily(P + "folded_label_values",
+                                "Observations whose label value was folded into 'other' by the cap.",
+                                labels=["label"])
+        for label, n in sorted(folded.items()):
+            m.add_metric([label], n)
+        yield m
+        m = GaugeMetricFamily(P + "table_entries", "Entries in sockwatch's tables.", labels=["table"])
+        m.add_metric(["connections"], live_count)
+        yield m
+        m = GaugeMetricFamily(P + "table_capacity", "Capacity of sockwatch's tables and maps.",
+                              labels=["table"])
+        m.add_metric(["connections"], mon.table.max_live)
+        m.add_metric(["socks_map"], probes.socks_capacity)
+        yield m
+        m = GaugeMetricFamily(P + "probe_attach_info", "The variant attached for each hook (value 1).",
+                              labels=["hook", "mode"])
+        for hook in probes.plan.hooks:
+            m.add_metric([hook.hook, hook.mode], 1)
+        yield m
+        m = GaugeMetricFamily(P + "build_info", "sockwatch version and kernel (value 1).",
+                              labels=["version", "kernel"])
+        m.add_metric([__version__, platform.release()], 1)
+        yield m
+        yield GaugeMetricFamily(P + "start_time_seconds", "When this sockwatch started (Unix time).",
+                                value=self.start_time)
+        self.last_scrape_seconds = time.perf_counter() - started
+        yield GaugeMetricFamily(P + "scrape_duration_seconds",
+                                "Time spent collecting this scrape, before exposition.",
+                                value=self.last_scrape_seconds)
+
+    def _per_connection(self, conns: list) -> Iterator[Metric]:
+        labels = ["process", "pid", "local", "remote", "state"]
+        sent = GaugeMetricFamily(P + "connection_sent_bytes", "Payload sent by one connection.",
+                                 labels=labels)
+        rtt = GaugeMetricFamily(P + "connection_rtt_seconds", "Smoothed RTT of one connection.",
+                                labels=labels)
+        for conn in conns:
+            ev = conn.ev
+            values = [conn.comm, str(conn.tgid),
+                      records.format_endpoint(ev.family, ev.saddr, ev.sport),
+                      records.format_endpoint(ev.family, ev.daddr, ev.dport),
+                      state_name(ev.state)]
+            sent.add_metric(values, ev.payload_sent)
+            rtt.add_metric(values, ev.srtt_us / 1e6)
+        yield sent
+        yield rtt
