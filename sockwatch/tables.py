@@ -154,6 +154,11 @@ class ConnTable:
         conn = self.live.get(ev.skaddr)
         if conn is not None and ev.ts_ns >= conn.alive_since_ns:
             del self.live[ev.skaddr]
+            # An untracked close (the socket predates us) comes after the kernel
+            # released the port and detached the file: keep what the row knew.
+            if not ev.sport or not ev.ino:
+                ev = dataclasses.replace(ev, sport=ev.sport or conn.ev.sport,
+                                         ino=ev.ino or conn.ev.ino)
             conn.ev = ev
             self._take_owner(conn, ev)
         else:
