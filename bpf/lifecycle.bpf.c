@@ -89,6 +89,22 @@ struct {
 	__type(value, __u64);
 } transitions SEC(".maps");
 
+/* Running totals by task name (see enum sw_total): user space reads them at scrape. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sw_total_key);
+	__type(value, __u64);
+} totals SEC(".maps");
+
+/* Handshake and lifetime histograms (enum sw_hist), SW_HIST_STRIDE slots each. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SW_HIST_MAX * SW_HIST_STRIDE);
+	__type(key, __u32);
+	__type(value, __u64);
+} hists SEC(".maps");
+
 /* Scratch record for the iterator: too large for the 512-byte stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -127,6 +143,7 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 	__u64 key = (__u64)sk;
 	struct sw_sock fresh = {};
 
+	fresh.open_ns = now;
 	fresh.role = role;
 	fresh.fd = -1;
 	fresh.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
@@ -207,6 +224,55 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk, __u8 
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
+/* Add @val to the running total @what of task @comm (NULL: owner unknown). */
+static __always_inline void add_total(const char *comm, __u8 what, __u8 result, __u16 port,
+				      __u64 val)
+{
+	struct sw_total_key key = { .what = what, .result = result, .port = port };
+	__u64 zero = 0, *slot;
+
+	if (comm)
+		__builtin_memcpy(key.comm, comm, sizeof(key.comm));
+	slot = bpf_map_lookup_elem(&totals, &key);
+	if (!slot) {
+		if (bpf_map_update_elem(&totals, &key, &zero, BPF_NOEXIST) &&
+		    !bpf_map_lookup_elem(&totals, &key)) {
+			percpu_inc(&stats, SW_STAT_TOTALS_FULL);
+			return;
+		}
+		slot = bpf_map_lookup_elem(&totals, &key);
+		if (!slot)
+			return;
+	}
+	__sync_fetch_and_add(slot, val);
+}
+
+static __always_inline void observe_between(__u32 hist, __u64 from, __u64 to)
+{
+	if (from && to >= from)
+		hist_observe(&hists, hist, to - from);
+}
+
+/* Fold a finished connection's payload and retransmits into its owner's totals. */
+static __always_inline void account_close(const struct sw_sock *s, const struct sock *sk,
+					  __u64 now)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	const char *comm = s ? s->comm : NULL;
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	bool fin = BPF_CORE_READ(sk, __sk_common.skc_flags) &
+		   (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE));
+
+	add_total(comm, SW_TOTAL_SENT_BYTES, 0, 0,
+		  BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans));
+	add_total(comm, SW_TOTAL_RECEIVED_BYTES, 0, 0, received > fin ? received - fin : 0);
+	add_total(comm, SW_TOTAL_RETRANSMITS, 0, 0, BPF_CORE_READ(tp, total_retrans));
+	if (s)
+		observe_between(s->role == SW_ROLE_SERVER ? SW_HIST_LIFETIME_SERVER
+							  : SW_HIST_LIFETIME_CLIENT,
+				s->open_ns, now);
+}
+
 /* A task has shown it owns accepted socket @s: attribute it and announce it. */
 static __always_inline void claim_accepted(struct sw_sock *s, const struct sock *sk,
 					   __u8 attrib, __u64 now)
@@ -215,6 +281,9 @@ static __always_inline void claim_accepted(struct sw_sock *s, const struct sock 
 		return;
 	set_owner(s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
+	add_total(s->comm, SW_TOTAL_ACCEPT, 0, BPF_CORE_READ(sk, __sk_common.skc_num), 1);
+	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV],
+			s->state_ns[TCP_ESTABLISHED]);
 	emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
 }
 
@@ -282,6 +351,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 	__u64 now = bpf_ktime_get_ns();
 	__u64 key = (__u64)sk;
 	struct sw_sock *s;
+	__u8 result;
 
 	if (oldstate <= 0 || oldstate >= SW_TCP_STATES || newstate <= 0 ||
 	    newstate >= SW_TCP_STATES)
@@ -319,6 +389,8 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		/* Predates sockwatch or was evicted: still tell user space it is gone. */
 		if (newstate == TCP_CLOSE) {
 			percpu_inc(&stats, SW_STAT_UNTRACKED_CLOSE);
+			if (oldstate != TCP_SYN_SENT)
+				account_close(NULL, sk, now);
 			if (!suppress_close)
 				emit(NULL, sk, SW_KIND_CLOSE, classify_close(sk, oldstate),
 				     oldstate, newstate, now);
@@ -333,6 +405,8 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		/* Clients are announced once the 4-tuple is complete. */
 		if (s->role == SW_ROLE_CLIENT) {
 			s->flags |= SW_FLAG_OPEN_SENT;
+			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
+			observe_between(SW_HIST_HANDSHAKE_CLIENT, s->state_ns[TCP_SYN_SENT], now);
 			emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		}
 		return 0;
@@ -342,11 +416,15 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		claim_accepted(s, sk, SW_ATTRIB_CLOSE, now);
 		return 0;
 	case TCP_CLOSE:
+		result = classify_close(sk, oldstate);
+		if (oldstate == TCP_SYN_SENT && result != SW_RESULT_OK)
+			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
+		else if (s->role != SW_ROLE_LISTENER)
+			account_close(s, sk, now);
 		if (suppress_close)
 			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
 		else
-			emit(s, sk, SW_KIND_CLOSE, classify_close(sk, oldstate), oldstate,
-			     newstate, now);
+			emit(s, sk, SW_KIND_CLOSE, result, oldstate, newstate, now);
 		bpf_map_delete_elem(&socks, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {

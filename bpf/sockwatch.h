@@ -54,32 +54,75 @@ enum sw_stat {
 	SW_STAT_SOCKS_FULL = 1,		/* socket not tracked: socks map update failed */
 	SW_STAT_UNTRACKED_CLOSE = 2,	/* close of a socket with no socks entry */
 	SW_STAT_SUPPRESSED_CLOSE = 3,	/* close record dropped on purpose (test switch) */
-	SW_STAT_MAX = 4,
+	SW_STAT_TOTALS_FULL = 4,	/* a total not counted: totals map full */
+	SW_STAT_MAX = 5,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */
 
+/*
+ * Running totals kept in the kernel, so user space need not decode every
+ * record to count it: one __u64 per key in the "totals" hash.
+ */
+enum sw_total {
+	SW_TOTAL_CONNECT = 1,		/* outgoing connect finished; .result says how */
+	SW_TOTAL_ACCEPT = 2,		/* accepted connection claimed by its owner; .port */
+	SW_TOTAL_SENT_BYTES = 3,	/* payload of closed connections */
+	SW_TOTAL_RECEIVED_BYTES = 4,
+	SW_TOTAL_RETRANSMITS = 5,
+};
+
+struct sw_total_key {
+	char comm[SW_COMM_LEN];		/* owning task; empty when unknown */
+	__u16 port;			/* SW_TOTAL_ACCEPT: the listening port */
+	__u8 what;			/* enum sw_total */
+	__u8 result;			/* SW_TOTAL_CONNECT: enum sw_result */
+	__u32 __pad;
+};
+
+/* Log2 histograms: slot k counts values <= 2^k microseconds; the last slot is the sum. */
+#define SW_HIST_SLOTS		29	/* bounds 1 us .. 2^27 us (134 s), then one slot for larger */
+#define SW_HIST_STRIDE		32	/* slots per histogram in the array, sum at [31] */
+#define SW_HIST_SUM		31
+
+enum sw_hist {
+	SW_HIST_HANDSHAKE_CLIENT = 0,	/* SYN_SENT -> ESTABLISHED */
+	SW_HIST_HANDSHAKE_SERVER = 1,	/* SYN_RECV -> ESTABLISHED */
+	SW_HIST_LIFETIME_CLIENT = 2,	/* first state -> CLOSE */
+	SW_HIST_LIFETIME_SERVER = 3,
+	SW_HIST_MAX = 4,
+};
+
 /* What the kernel keeps per socket (value of the socks LRU map). */
 struct sw_sock {
-	__u64 state_ns[SW_TCP_STATES];	/* first entry into each state, CLOCK_MONOTONIC */
-	__u64 ino;			/* socket inode, as /proc/<pid>/fd shows socket:[ino] */
+	/* Hot fields first: user space reads these from every record. */
+	__u64 open_ns;			/* first state we saw, CLOCK_MONOTONIC */
 	__u32 tgid;			/* owning process; 0 while unknown */
-	__u32 tid;
 	__s32 fd;			/* -1 unless a syscall hook saw it */
-	__u32 uid;
-	__u16 lport;			/* local port, kept: it is released before TCP_CLOSE */
 	__u8 role;			/* enum sw_role */
 	__u8 attrib;			/* enum sw_attrib */
 	__u8 flags;			/* SW_FLAG_* */
-	__u8 __pad[3];
+	__u8 __pad;
+	__u16 lport;			/* local port, kept: it is released before TCP_CLOSE */
+	__u16 __pad2;
+	__u64 ino;			/* socket inode, as /proc/<pid>/fd shows socket:[ino] */
+	__u32 tid;
+	__u32 uid;
+	__u64 state_ns[SW_TCP_STATES];	/* first entry into each state, CLOCK_MONOTONIC */
 	char comm[SW_COMM_LEN];		/* captured at the event: short-lived tasks stay named */
 };
 
 /* One record: OPEN, CLOSE or SNAPSHOT. */
 struct sw_event {
-	struct sw_sock sock;
+	/* Hot fields first: the table applies a record from these alone. */
 	__u64 ts_ns;			/* when the record was made, CLOCK_MONOTONIC */
 	__u64 skaddr;			/* kernel address of the sock: identity while it lives */
+	__u8 kind;			/* enum sw_kind */
+	__u8 result;			/* enum sw_result (CLOSE) */
+	__u8 state;			/* state after the event */
+	__u8 oldstate;			/* state before it (CLOSE: the last live state) */
+	__u32 netns;			/* network namespace inode */
+	struct sw_sock sock;
 	/*
 	 * The kernel's own counters, as tcp_info reports them. bytes_acked and
 	 * bytes_received count sequence space, so they include SYN and FIN;
@@ -93,19 +136,14 @@ struct sw_event {
 	__u32 segs_in;
 	__u32 total_retrans;
 	__u32 srtt_us;			/* smoothed RTT in microseconds */
-	__u32 netns;			/* network namespace inode */
 	__u32 listen_backlog;		/* listeners: sk_max_ack_backlog */
-	__u8 saddr[16];			/* IPv4 in the first 4 bytes */
-	__u8 daddr[16];
 	__u16 family;			/* AF_INET or AF_INET6 */
 	__u16 sport;			/* host byte order */
 	__u16 dport;			/* host byte order */
-	__u8 kind;			/* enum sw_kind */
-	__u8 result;			/* enum sw_result (CLOSE) */
-	__u8 state;			/* state after the event */
-	__u8 oldstate;			/* state before it (CLOSE: the last live state) */
 	__u8 peer_fin;			/* the peer's FIN arrived (SOCK_DONE) */
 	__u8 __pad[5];
+	__u8 saddr[16];			/* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
 };
 
 #endif /* __SOCKWATCH_H */

@@ -72,10 +72,10 @@ class Daemon:
         t = cfg["tables"]
         m = cfg["metrics"]
         self.monitor = Monitor(loader_config(cfg), closed_capacity=t["closed_capacity"],
-                               max_live=t["max_connections"], top_processes=m["top_processes"],
-                               top_ports=m["top_ports"])
+                               max_live=t["max_connections"])
         self.collector = SockwatchCollector(self.monitor, m["per_connection"],
-                                            m["per_connection_limit"])
+                                            m["per_connection_limit"], m["top_processes"],
+                                            m["top_ports"])
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.events = EventLog()
@@ -88,7 +88,7 @@ class Daemon:
     def _event_loop(self) -> None:
         try:
             self.healthy.set()
-            self.monitor.run(self.stop, self.events.append,
+            self.monitor.run(self.stop, on_batch=self.events.append,
                              poll_interval=lambda: self.cfg["tables"]["poll_interval_seconds"],
                              reconcile_interval=lambda: self.cfg["tables"]["reconcile_interval_seconds"])
         except BaseException as exc:  # surfaced by run(): the service must restart

@@ -23,6 +23,12 @@ from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
+def decode_batch(blob: bytes, offsets: list[int]) -> list[records.ConnEvent]:
+    """Decode a drained batch (malformed records were already set aside by the reader)."""
+    size = records.EVENT_SIZE
+    return records.decode_many(blob[off : off + size] for off in offsets)[0]
+
+
 def current_netns(proc_root: str = "/proc") -> int:
     return os.stat(f"{proc_root}/self/ns/net").st_ino
 
@@ -35,6 +41,7 @@ class Loss:
     socks_map_full: int
     decode_errors: int
     table_full: int
+    totals_map_full: int
     untracked_close: int  # not a loss: closes of sockets that predate sockwatch
     suppressed_close: int  # test switch only
 
@@ -48,13 +55,11 @@ class Monitor:
         *,
         closed_capacity: int = 4096,
         max_live: int = 262144,
-        top_processes: int = 20,
-        top_ports: int = 20,
         proc_root: str = "/proc",
         objects_dir: Path | None = None,
     ):
         self.cfg = cfg or loader.LoaderConfig()
-        self.table = ConnTable(closed_capacity, max_live, top_processes, top_ports)
+        self.table = ConnTable(closed_capacity, max_live)
         # Held while records are applied and while readers copy or aggregate, so
         # HTTP threads never see a table half-way through a batch.
         self.lock = threading.RLock()
@@ -88,21 +93,27 @@ class Monitor:
         self.close()
 
     # -- keeping current ------------------------------------------------------------
-    def poll(self) -> list[records.ConnEvent]:
-        """Drain the ring buffer into the tables; returns the records applied."""
+    def poll_raw(self) -> tuple[bytes, list[int]]:
+        """Drain the ring buffer into the tables without decoding: the hot path."""
         assert self._reader is not None, "start() first"
         with self._io:
-            events = self._reader.drain()
+            blob, offsets = self._reader.drain()
         with self.lock:
-            self.table.apply_all(events)
-        return events
+            self.table.apply_batch(blob, offsets)
+        return blob, offsets
+
+    def poll(self) -> list[records.ConnEvent]:
+        """Drain the ring buffer into the tables; returns the records, decoded."""
+        blob, offsets = self.poll_raw()
+        return decode_batch(blob, offsets)
 
     def _other_namespaces(self) -> dict[int, str]:
         """Paths into the other network namespaces the table has rows in."""
         wanted: dict[int, set[int]] = {}
-        for conn in self.table.live.values():
-            if conn.ev.netns != self.netns:
-                wanted.setdefault(conn.ev.netns, set()).add(conn.tgid)
+        with self.lock:
+            for row in self.table.live.values():
+                if row.netns != self.netns:
+                    wanted.setdefault(row.netns, set()).add(row.tgid)
         if not wanted:
             return {}
         pids = {pid for group in wanted.values() for pid in group if pid}
@@ -141,18 +152,23 @@ class Monitor:
         on_events: Callable[[list[records.ConnEvent]], None] | None = None,
         poll_interval: float | Callable[[], float] = 0.1,
         reconcile_interval: float | Callable[[], float] = 5.0,
+        on_batch: Callable[[bytes, list[int]], None] | None = None,
     ) -> None:
         """Poll on a timer until ``stop`` is set (the kernel never wakes us).
 
-        Intervals may be callables so a config reload takes effect at the next tick.
+        ``on_events`` gets each batch decoded (for printing); ``on_batch`` gets it
+        raw (for keeping). Intervals may be callables so a config reload takes
+        effect at the next tick.
         """
         period = poll_interval if callable(poll_interval) else lambda: poll_interval
         every = reconcile_interval if callable(reconcile_interval) else lambda: reconcile_interval
         next_reconcile = time.monotonic() + every()
         while not stop.wait(period()):
-            events = self.poll()
-            if on_events and events:
-                on_events(events)
+            blob, offsets = self.poll_raw()
+            if offsets and on_batch:
+                on_batch(blob, offsets)
+            if offsets and on_events:
+                on_events(decode_batch(blob, offsets))
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + every()
@@ -176,9 +192,7 @@ class Monitor:
                 conn.tgid, conn.comm = pid, info.name if info else conn.comm
             conn.fd = fd
             with self.lock:
-                live = self.table.live.get(conn.key)
-                if live is not None:  # remember: an fd does not change while the socket lives
-                    live.tgid, live.comm, live.fd = conn.tgid, conn.comm, conn.fd
+                self.table.name_owner(conn.key, conn.tgid, conn.comm, conn.fd)
 
     def connections(self, refresh: bool = True) -> list[Connection]:
         """Live connections with current counters and resolved owners."""
@@ -197,6 +211,7 @@ class Monitor:
             socks_map_full=st[records.Stat.SOCKS_FULL],
             decode_errors=self._reader.decode_errors,
             table_full=self.table.counters["table_full"],
+            totals_map_full=st[records.Stat.TOTALS_FULL],
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
         )

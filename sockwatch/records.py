@@ -59,6 +59,45 @@ class Stat(enum.IntEnum):
     SOCKS_FULL = 1
     UNTRACKED_CLOSE = 2
     SUPPRESSED_CLOSE = 3
+    TOTALS_FULL = 4
+
+
+class Total(enum.IntEnum):
+    """enum sw_total: what a kernel running total counts."""
+
+    CONNECT = 1
+    ACCEPT = 2
+    SENT_BYTES = 3
+    RECEIVED_BYTES = 4
+    RETRANSMITS = 5
+
+
+class Hist(enum.IntEnum):
+    """enum sw_hist: the kernel's log2 histograms."""
+
+    HANDSHAKE_CLIENT = 0
+    HANDSHAKE_SERVER = 1
+    LIFETIME_CLIENT = 2
+    LIFETIME_SERVER = 3
+
+
+HIST_COUNT = len(Hist)
+HIST_SLOTS = 29  # slot k: <= 2**k microseconds for k < 28; slot 28: larger
+HIST_STRIDE = 32  # slots per histogram in the map; the sum (ns) is in the last
+TOTAL_KEY = struct.Struct("<16sHBB4x")  # struct sw_total_key
+
+
+@dataclass(frozen=True)
+class TotalKey:
+    comm: str
+    what: Total
+    result: int
+    port: int
+
+
+def decode_total_key(raw: bytes) -> TotalKey:
+    comm, port, what, result = TOTAL_KEY.unpack(raw)
+    return TotalKey(decode_comm(comm), Total(what), result, port)
 
 
 STAT_COUNT = len(Stat)
@@ -81,17 +120,19 @@ class SwSock(ctypes.Structure):
     """struct sw_sock"""
 
     _fields_ = [
-        ("state_ns", ctypes.c_uint64 * TCP_STATES),
-        ("ino", ctypes.c_uint64),
+        ("open_ns", ctypes.c_uint64),
         ("tgid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
         ("fd", ctypes.c_int32),
-        ("uid", ctypes.c_uint32),
-        ("lport", ctypes.c_uint16),
         ("role", ctypes.c_uint8),
         ("attrib", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
-        ("__pad", ctypes.c_uint8 * 3),
+        ("__pad", ctypes.c_uint8),
+        ("lport", ctypes.c_uint16),
+        ("__pad2", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("tid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("state_ns", ctypes.c_uint64 * TCP_STATES),
         ("comm", ctypes.c_char * COMM_LEN),
     ]
 
@@ -100,9 +141,14 @@ class SwEvent(ctypes.Structure):
     """struct sw_event"""
 
     _fields_ = [
-        ("sock", SwSock),
         ("ts_ns", ctypes.c_uint64),
         ("skaddr", ctypes.c_uint64),
+        ("kind", ctypes.c_uint8),
+        ("result", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("oldstate", ctypes.c_uint8),
+        ("netns", ctypes.c_uint32),
+        ("sock", SwSock),
         ("bytes_acked", ctypes.c_uint64),
         ("bytes_received", ctypes.c_uint64),
         ("bytes_sent", ctypes.c_uint64),
@@ -111,23 +157,23 @@ class SwEvent(ctypes.Structure):
         ("segs_in", ctypes.c_uint32),
         ("total_retrans", ctypes.c_uint32),
         ("srtt_us", ctypes.c_uint32),
-        ("netns", ctypes.c_uint32),
         ("listen_backlog", ctypes.c_uint32),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
         ("family", ctypes.c_uint16),
         ("sport", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
-        ("kind", ctypes.c_uint8),
-        ("result", ctypes.c_uint8),
-        ("state", ctypes.c_uint8),
-        ("oldstate", ctypes.c_uint8),
         ("peer_fin", ctypes.c_uint8),
         ("__pad", ctypes.c_uint8 * 5),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
     ]
 
 
 EVENT_SIZE = ctypes.sizeof(SwEvent)
+COMM_OFFSET = SwEvent.sock.offset + SwSock.comm.offset
+_SPORT = struct.Struct("<H")
+_SPORT_OFFSET = SwEvent.sport.offset
+_INO = struct.Struct("<Q")
+_INO_OFFSET = SwEvent.sock.offset + SwSock.ino.offset
 
 
 def layout(struct_type: type[ctypes.Structure]) -> list[tuple[str, int, int]]:
@@ -152,10 +198,41 @@ def layout_mismatches(
 
 # One flat format for the whole event, in member order (all naturally aligned).
 _EVENT_STRUCT = struct.Struct(
-    "<" + f"{TCP_STATES}Q" + "QIIiIHBBB3x16s"  # sw_sock
-    "QQQQQQ" "IIIIII" "16s16s" "HHH" "BBBBB" "5x"
+    "<QQBBBBI"  # ts_ns, skaddr, kind, result, state, oldstate, netns
+    "QIiBBBxHxxQII" f"{TCP_STATES}Q" "16s"  # sw_sock
+    "QQQQ" "IIIII" "HHH" "B5x" "16s16s"
 )  # fmt: skip
 assert _EVENT_STRUCT.size == EVENT_SIZE, (_EVENT_STRUCT.size, EVENT_SIZE)
+
+_FORMATS = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_int32: "i",
+            ctypes.c_uint16: "H", ctypes.c_uint8: "B"}
+
+
+def field_reader(*names: str) -> struct.Struct:
+    """A Struct that unpacks just these scalar fields (``sock.x`` for nested ones)
+    from a record, at the offsets ctypes computes for the C layout."""
+    parts, pos = ["<"], 0
+    for name in names:
+        outer, _, inner = name.rpartition(".")
+        base = getattr(SwEvent, outer).offset if outer else 0
+        struct_type = SwSock if outer else SwEvent
+        desc = getattr(struct_type, inner)
+        ctype = dict(struct_type._fields_)[inner]
+        offset = base + desc.offset
+        if offset < pos:
+            raise ValueError(f"{name} must come after the previous field")
+        parts.append(f"{offset - pos}x" if offset > pos else "")
+        parts.append(_FORMATS[ctype])
+        pos = offset + desc.size
+    return struct.Struct("".join(parts))
+
+
+# The hot fields: what the table needs to apply a record without decoding it.
+HOT = field_reader("ts_ns", "skaddr", "kind", "result", "state", "oldstate", "netns",
+                   "sock.open_ns", "sock.tgid", "sock.fd", "sock.role", "sock.attrib")
+# What a scrape needs of each live row.
+LIVE = field_reader("state", "sock.role", "bytes_received", "bytes_sent", "bytes_retrans",
+                    "total_retrans", "sport", "peer_fin")
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -201,11 +278,8 @@ class ConnEvent:
     total_retrans: int
     srtt_us: int
     listen_backlog: int
+    open_ns: int  # first state we saw (0: the socket predates sockwatch)
 
-    @property
-    def open_ns(self) -> int:
-        """When the socket first entered any state we saw (0 if it predates us)."""
-        return min((t for t in self.state_ns if t), default=0)
 
     @property
     def state_name(self) -> str:
@@ -234,12 +308,11 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
     """Decode one record; raises DecodeError (and only that) on malformed input."""
     if len(raw) != EVENT_SIZE:
         raise DecodeError(f"record is {len(raw)} bytes, expected {EVENT_SIZE}")
-    v = _EVENT_STRUCT.unpack(raw)
-    n = TCP_STATES
-    (ino, tgid, tid, fd, uid, _lport, role, attrib, _flags, comm) = v[n : n + 10]
-    (ts, skaddr, acked, received, sent, retrans_bytes) = v[n + 10 : n + 16]
-    (segs_out, segs_in, retrans, srtt, netns, backlog) = v[n + 16 : n + 22]
-    (saddr, daddr, family, sport, dport, kind, result, state, oldstate, peer_fin) = v[n + 22 :]
+    (ts, skaddr, kind, result, state, oldstate, netns,
+     open_ns, tgid, fd, role, attrib, _flags, _lport, ino, tid, uid, *rest) = _EVENT_STRUCT.unpack(raw)
+    state_ns = tuple(rest[:TCP_STATES])
+    (comm, acked, received, sent, retrans_bytes, segs_out, segs_in, retrans, srtt, backlog,
+     family, sport, dport, peer_fin, saddr, daddr) = rest[TCP_STATES:]
     try:
         return ConnEvent(
             kind=Kind(kind),
@@ -258,11 +331,11 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
             attrib=Attrib(attrib),
             tgid=tgid,
             tid=tid,
-            comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+            comm=decode_comm(comm),
             fd=fd,
             ino=ino,
             uid=uid,
-            state_ns=tuple(v[:n]),
+            state_ns=state_ns,
             bytes_acked=acked,
             bytes_received=received,
             bytes_sent=sent,
@@ -273,9 +346,29 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
             total_retrans=retrans,
             srtt_us=srtt,
             listen_backlog=backlog,
+            open_ns=open_ns,
         )
     except ValueError as exc:  # an enum out of range
         raise DecodeError(str(exc)) from exc
+
+
+def decode_comm(raw: bytes) -> str:
+    """A task name as the kernel stores it: NUL-padded, not always UTF-8."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def needs_tuple_from(raw: bytes) -> bool:
+    """The record lacks the local port or inode (a close the kernel did not track)."""
+    return not (_SPORT.unpack_from(raw, _SPORT_OFFSET)[0] and _INO.unpack_from(raw, _INO_OFFSET)[0])
+
+
+def with_tuple_of(raw: bytes, earlier: bytes) -> bytes:
+    """``raw`` with its missing local port and inode taken from an earlier record."""
+    out = bytearray(raw)
+    for fmt, off in ((_SPORT, _SPORT_OFFSET), (_INO, _INO_OFFSET)):
+        if not fmt.unpack_from(out, off)[0]:
+            fmt.pack_into(out, off, fmt.unpack_from(earlier, off)[0])
+    return bytes(out)
 
 
 def decode_many(raws: Iterable[bytes | memoryview]) -> tuple[list[ConnEvent], int]:

@@ -4,6 +4,11 @@ Records are the only input: OPEN and CLOSE from the ring buffer, SNAPSHOT rows
 from iter/tcp at start and at each reconciliation. Nothing here touches the
 kernel or /proc, so the rules below are unit-tested with plain records.
 
+The table keeps each socket's latest record as raw bytes and reads only the
+hot fields at its head (``records.HOT``) to apply it: under a connection flood
+that is the whole per-record cost. Views decode rows into ``Connection``s
+when they ask (``snapshot()``), and counting by process happens in the kernel.
+
 Ordering rules (records from before a row's incarnation must not touch it,
 since the kernel reuses sock addresses quickly):
 - a connection is alive from ``alive_since_ns``: its first state timestamp, or
@@ -11,37 +16,34 @@ since the kernel reuses sock addresses quickly):
 - a CLOSE older than that belongs to an earlier socket at the same address, and
   a record of a socket opened after it means that row's close was missed;
 - a reconciliation removes only rows alive before the snapshot began that the
-  snapshot did not see, in the snapshot's own network namespace.
+  snapshot did not see, in the namespaces it walked.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from sockwatch.records import (
-    TCP_ESTABLISHED,
-    TCP_SYN_RECV,
-    TCP_SYN_SENT,
-    Attrib,
-    ConnEvent,
-    Kind,
-    Result,
-    Role,
-)
-from sockwatch.totals import Totals
+from sockwatch import records
+from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
 
 # Attributions made by a task touching the socket; others are guesses.
 TASK_ATTRIBUTIONS = frozenset(
     {Attrib.CONNECT, Attrib.LISTEN, Attrib.ACCEPT, Attrib.FIRST_IO, Attrib.CLOSE}
 )
+_OPEN, _CLOSE, _SNAPSHOT = Kind.OPEN, Kind.CLOSE, Kind.SNAPSHOT
+_KINDS = frozenset(Kind)
+_N_ROLES, _N_RESULTS = len(Role), len(Result)
+_COMM = slice(records.COMM_OFFSET, records.COMM_OFFSET + records.COMM_LEN)
+_SIZE = records.EVENT_SIZE
+_hot = records.HOT.unpack_from
+_OPENED = tuple(f"opened_{r.name.lower()}" for r in Role)  # indexed by role, no enum per record
 
 
 @dataclass(slots=True)
 class Connection:
-    """One socket as the tables know it: the kernel's latest view plus its owner."""
+    """One socket as views see it: the kernel's latest record plus its owner."""
 
     ev: ConnEvent  # latest record: tuple, state, counters
     tgid: int
@@ -67,132 +69,127 @@ class Connection:
         return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
 
 
-class ConnTable:
-    """``process -> fd -> socket -> 5-tuple``, applied from records."""
+class Row:
+    """A socket in the table: its latest raw record and what we learned of its owner."""
 
-    def __init__(
-        self,
-        closed_capacity: int = 4096,
-        max_live: int = 262144,
-        top_processes: int = 20,
-        top_ports: int = 20,
-    ):
-        self.live: dict[int, Connection] = {}
-        self.totals = Totals.with_caps(top_processes, top_ports)
-        self.closed: collections.deque[Connection] = collections.deque(maxlen=closed_capacity)
+    __slots__ = ("raw", "ts_ns", "alive_since_ns", "netns", "tgid", "comm", "fd", "attrib",
+                 "seen_by", "closed_ns", "reconciled")
+
+    def __init__(self, raw: bytes, ts_ns: int, alive_since_ns: int, netns: int, tgid: int,
+                 fd: int, attrib: int, seen_by: str):
+        self.raw = raw
+        self.ts_ns = ts_ns
+        self.alive_since_ns = alive_since_ns
+        self.netns = netns
+        self.tgid = tgid
+        self.comm: bytes | str = raw[_COMM]  # bytes until decoded; str once /proc named it
+        self.fd = fd
+        self.attrib = attrib  # of the record the owner came from
+        self.seen_by = seen_by
+        self.closed_ns = 0
+        self.reconciled = False
+
+    @property
+    def key(self) -> int:
+        return _hot(self.raw)[1]
+
+    def connection(self) -> Connection:
+        ev = records.decode(self.raw)
+        comm = self.comm if isinstance(self.comm, str) else records.decode_comm(self.comm)
+        return Connection(ev, self.tgid, comm, self.fd, self.alive_since_ns, self.seen_by,
+                          self.closed_ns, self.reconciled)
+
+
+class ConnTable:
+    """``process -> fd -> socket -> 5-tuple``, applied from raw records."""
+
+    def __init__(self, closed_capacity: int = 4096, max_live: int = 262144):
+        self.live: dict[int, Row] = {}
+        self.closed: collections.deque[Row] = collections.deque(maxlen=closed_capacity)
         self.max_live = max_live
         self.counters: collections.Counter[str] = collections.Counter()
-        # (role, result) of every connection that ended, for rates and metrics
-        self.ended: collections.Counter[tuple[Role, Result]] = collections.Counter()
+        # (role, result) numbers of every connection that ended; see ended_by_name()
+        self.ended: collections.Counter[tuple[int, int]] = collections.Counter()
 
     # -- records ---------------------------------------------------------------
-    def apply(self, ev: ConnEvent) -> None:
-        if ev.kind == Kind.CLOSE:
-            self._close(ev)
+    def apply_batch(self, blob: bytes, offsets: Iterable[int]) -> None:
+        """Apply records found at ``offsets`` in ``blob`` (the ring buffer's hot path)."""
+        for off in offsets:
+            self._apply(blob[off : off + _SIZE])
+
+    def apply(self, raw: bytes) -> None:
+        """Apply one record (exactly ``records.EVENT_SIZE`` bytes)."""
+        self._apply(raw)
+
+    def _apply(self, raw: bytes) -> None:
+        h = _hot(raw)
+        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS:
+            self.counters["malformed"] += 1  # never from our kernel side; counted, not fatal
+            return
+        if h[2] == _CLOSE:
+            self._close(raw, h)
         else:
-            self._upsert(ev, ev.ts_ns if ev.kind == Kind.SNAPSHOT else 0)
+            self._upsert(raw, h)
 
-    def apply_all(self, events: Iterable[ConnEvent]) -> None:
-        for ev in events:
-            self.apply(ev)
-
-    def _upsert(self, ev: ConnEvent, seen_ns: int) -> None:
-        conn = self.live.get(ev.skaddr)
-        if conn is None:
+    def _upsert(self, raw: bytes, h: tuple) -> None:
+        ts, skaddr, kind, _res, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
+        row = self.live.get(skaddr)
+        if row is None:
             if len(self.live) >= self.max_live:
                 self.counters["table_full"] += 1
                 return
-            self.live[ev.skaddr] = Connection(
-                ev=ev,
-                tgid=ev.tgid,
-                comm=ev.comm,
-                fd=ev.fd,
-                alive_since_ns=ev.open_ns or seen_ns or ev.ts_ns,
-                seen_by="snapshot" if ev.kind == Kind.SNAPSHOT else "event",
-            )
-            if ev.kind == Kind.OPEN:
-                self._opened(self.live[ev.skaddr])
+            seen_by = "snapshot" if kind == _SNAPSHOT else "event"
+            self.live[skaddr] = Row(raw, ts, open_ns or ts, netns, tgid, fd, attrib, seen_by)
+            if kind == _OPEN:
+                self.counters[_OPENED[role]] += 1
             return
-        if ev.ts_ns < conn.alive_since_ns:
+        if ts < row.alive_since_ns:
             return  # a record from an earlier socket at this address
-        if ev.open_ns > conn.alive_since_ns:
+        if open_ns > row.alive_since_ns:
             # A later socket at the same address: the old one closed unseen.
-            self._retire(conn, ev.open_ns, "stale_replaced")
-            self._upsert(ev, seen_ns)
+            self._retire(skaddr, row, open_ns, "stale_replaced")
+            self._upsert(raw, h)
             return
-        if ev.ts_ns >= conn.ev.ts_ns:
-            conn.ev = ev
-        self._take_owner(conn, ev)
-        if ev.kind == Kind.OPEN:
-            self._opened(conn)
-
-    def _opened(self, conn: Connection) -> None:
-        """Count an opening once: connects by result, accepts by port, handshakes."""
-        ev, t = conn.ev, self.totals
-        self.counters["opened_" + ev.role.name.lower()] += 1
-        if ev.role == Role.CLIENT:
-            t.connects[(t.processes(conn.process), "ok")] += 1
-            start = ev.state_ns[TCP_SYN_SENT]
-        elif ev.role == Role.SERVER:
-            t.accepts[(t.processes(conn.process), t.ports(str(ev.sport)))] += 1
-            start = ev.state_ns[TCP_SYN_RECV]
-        else:
-            return
-        done = ev.state_ns[TCP_ESTABLISHED]
-        if start and done >= start:
-            t.histogram(t.handshake, ev.role.name.lower()).observe_ns(done - start)
+        if ts >= row.ts_ns:
+            row.raw, row.ts_ns = raw, ts
+        self._take_owner(row, raw, tgid, fd, attrib)
+        if kind == _OPEN:
+            self.counters[_OPENED[role]] += 1
 
     @staticmethod
-    def _take_owner(conn: Connection, ev: ConnEvent) -> None:
+    def _take_owner(row: Row, raw: bytes, tgid: int, fd: int, attrib: int) -> None:
         """A task's attribution beats a guess; a guess never replaces what /proc found."""
-        if ev.tgid and (ev.attrib in TASK_ATTRIBUTIONS or conn.tgid == 0):
-            conn.tgid, conn.comm = ev.tgid, ev.comm
-        if ev.fd >= 0:
-            conn.fd = ev.fd
+        if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
+            row.tgid, row.comm, row.attrib = tgid, raw[_COMM], attrib
+        if fd >= 0:
+            row.fd = fd
 
-    def _close(self, ev: ConnEvent) -> None:
-        conn = self.live.get(ev.skaddr)
-        if conn is not None and ev.ts_ns >= conn.alive_since_ns:
-            del self.live[ev.skaddr]
-            # An untracked close (the socket predates us) comes after the kernel
-            # released the port and detached the file: keep what the row knew.
-            if not ev.sport or not ev.ino:
-                ev = dataclasses.replace(ev, sport=ev.sport or conn.ev.sport,
-                                         ino=ev.ino or conn.ev.ino)
-            conn.ev = ev
-            self._take_owner(conn, ev)
+    def _close(self, raw: bytes, h: tuple) -> None:
+        ts, skaddr, _kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
+        row = self.live.get(skaddr)
+        if row is not None and ts >= row.alive_since_ns:
+            del self.live[skaddr]
+            if not open_ns and records.needs_tuple_from(raw):
+                # An untracked close (the socket predates us) comes after the kernel
+                # released the port and detached the file: keep what the row knew.
+                raw = records.with_tuple_of(raw, row.raw)
+            row.raw, row.ts_ns = raw, ts
+            self._take_owner(row, raw, tgid, fd, attrib)
         else:
             # Never seen open: a failed connect, or a socket that lived and died
             # between two reads. The CLOSE record carries everything.
-            conn = Connection(ev, ev.tgid, ev.comm, ev.fd, ev.open_ns or ev.ts_ns, "event")
-        conn.closed_ns = ev.ts_ns
-        self.closed.append(conn)
-        self.ended[(ev.role, ev.result)] += 1
-        self._closed(conn)
-
-    def _closed(self, conn: Connection) -> None:
-        """Fold a finished connection into the running totals."""
-        ev, t = conn.ev, self.totals
-        if ev.oldstate == TCP_SYN_SENT and ev.result != Result.OK:
-            t.connects[(t.processes(conn.process), ev.result.name.lower())] += 1
-            return
-        if ev.role == Role.LISTENER:
-            return
-        totals = t.bytes_for(conn.process)
-        totals.sent += ev.payload_sent
-        totals.received += ev.payload_received
-        totals.retransmits += ev.total_retrans
-        if conn.alive_since_ns and ev.ts_ns >= conn.alive_since_ns and conn.seen_by == "event":
-            role = ev.role.name.lower()
-            t.histogram(t.lifetime, role).observe_ns(ev.ts_ns - conn.alive_since_ns)
+            row = Row(raw, ts, open_ns or ts, netns, tgid, fd, attrib, "event")
+        row.closed_ns = ts
+        self.closed.append(row)
+        self.ended[(role, result)] += 1
 
     # -- reconciliation ----------------------------------------------------------
-    def merge_snapshot(self, rows: Iterable[ConnEvent]) -> set[int]:
+    def merge_snapshot(self, rows: Iterable[bytes]) -> set[int]:
         """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
         seen = set()
-        for row in rows:
-            seen.add(row.skaddr)
-            self._upsert(row, row.ts_ns)
+        for raw in rows:
+            seen.add(_hot(raw)[1])
+            self._apply(raw)
         return seen
 
     def remove_missing(self, seen: set[int], snapshot_ns: int, walked: set[int]) -> int:
@@ -201,26 +198,36 @@ class ConnTable:
         Only namespaces in ``walked`` were looked at; rows elsewhere stay.
         """
         gone = [
-            key
-            for key, conn in self.live.items()
-            if key not in seen and conn.ev.netns in walked and conn.alive_since_ns < snapshot_ns
+            (key, row)
+            for key, row in self.live.items()
+            if key not in seen and row.netns in walked and row.alive_since_ns < snapshot_ns
         ]
-        for key in gone:
-            self._retire(self.live[key], snapshot_ns, "reconciled_removed")
+        for key, row in gone:
+            self._retire(key, row, snapshot_ns, "reconciled_removed")
         return len(gone)
 
-    def _retire(self, conn: Connection, when_ns: int, counter: str) -> None:
+    def _retire(self, key: int, row: Row, when_ns: int, counter: str) -> None:
         """Move a row whose close was never seen to the closed ring, and count it."""
-        del self.live[conn.key]
-        conn.closed_ns = when_ns
-        conn.reconciled = True
-        self.closed.append(conn)
+        del self.live[key]
+        row.closed_ns = when_ns
+        row.reconciled = True
+        self.closed.append(row)
         self.counters[counter] += 1
 
     # -- reading -------------------------------------------------------------------
     def snapshot(self) -> list[Connection]:
-        """Copies of the live rows: views may keep them while the table moves on."""
-        return [dataclasses.replace(c) for c in self.live.values()]
+        """Decoded copies of the live rows: views may keep them while the table moves on."""
+        return [row.connection() for row in self.live.values()]
 
     def recently_closed(self) -> list[Connection]:
-        return [dataclasses.replace(c) for c in self.closed]
+        return [row.connection() for row in self.closed]
+
+    def ended_by_name(self) -> dict[tuple[Role, Result], int]:
+        return {(Role(r), Result(x)): n for (r, x), n in self.ended.items()}
+
+    def name_owner(self, key: int, tgid: int, comm: str, fd: int) -> None:
+        """Record the owner /proc found for a live row (an fd never changes while it lives)."""
+        row = self.live.get(key)
+        if row is not None:
+            row.tgid, row.comm, row.fd = tgid, comm, fd
+

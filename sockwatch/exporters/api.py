@@ -20,7 +20,7 @@ from prometheus_client.openmetrics import exposition as openmetrics_format
 
 from sockwatch.exporters.http import Handler, Request, Response
 from sockwatch.monitor import Monitor
-from sockwatch.records import ConnEvent
+from sockwatch import records
 from sockwatch.views import fields
 from sockwatch.views import probes as probes_view
 from sockwatch.views.filters import Filter
@@ -29,27 +29,35 @@ JSON = "application/json"
 
 
 class EventLog:
-    """The most recent connection events with sequence numbers, for /api/events."""
+    """The most recent connection events with sequence numbers, for /api/events.
+
+    The event thread hands over raw batches (no decoding on the hot path);
+    records are decoded only when a client asks for them.
+    """
 
     def __init__(self, capacity: int = 10000):
-        self._events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
-            maxlen=capacity)
+        self._raw: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=capacity)
         self._seq = 0
         self._cond = threading.Condition()
 
-    def append(self, events: list[ConnEvent]) -> None:
+    def append(self, blob: bytes, offsets: list[int]) -> None:
         """Called from the event thread with each applied batch."""
+        size = records.EVENT_SIZE
+        kept = offsets[-(self._raw.maxlen or 1):]  # a burst larger than the log: keep its end
         with self._cond:
-            for ev in events:
+            self._seq += len(offsets) - len(kept)
+            for off in kept:
                 self._seq += 1
-                self._events.append((self._seq, fields.event_dict(ev)))
+                self._raw.append((self._seq, blob[off : off + size]))
             self._cond.notify_all()
 
     def after(self, seq: int, wait: float) -> tuple[int, list[dict[str, Any]]]:
         """Events with a sequence number above ``seq``, waiting up to ``wait`` for one."""
         with self._cond:
             self._cond.wait_for(lambda: self._seq > seq, timeout=wait)
-            return self._seq, [e for s, e in self._events if s > seq]
+            last, raws = self._seq, [r for s, r in self._raw if s > seq]
+        events, _bad = records.decode_many(raws)
+        return last, [fields.event_dict(ev) for ev in events]
 
 
 class BadQuery(ValueError):

@@ -26,31 +26,29 @@ from prometheus_client.registry import Collector
 from sockwatch import __version__, records
 from sockwatch.monitor import Monitor
 from sockwatch.records import Role, state_name
-from sockwatch.totals import Log2Histogram
+from sockwatch.totals import LabelCap, cumulative_buckets
 
 P = "sockwatch_"
-
-
-def _histogram(name: str, doc: str, label: str, family: dict[str, Log2Histogram]) -> Metric:
-    m = HistogramMetricFamily(P + name, doc, labels=[label])
-    for value, h in sorted(family.items()):
-        m.add_metric([value], h.cumulative(), h.sum_s)
-    return m
 
 
 class SockwatchCollector(Collector):
     """Yields every sockwatch metric from one consistent read of the monitor."""
 
     def __init__(self, monitor: Monitor, per_connection: bool = False,
-                 per_connection_limit: int = 1000):
+                 per_connection_limit: int = 1000, top_processes: int = 20, top_ports: int = 20):
         self.monitor = monitor
         self.per_connection = per_connection
         self.per_connection_limit = per_connection_limit
+        self.processes = LabelCap(top_processes)
+        self.ports = LabelCap(top_ports)
         self.start_time = time.time()
-        self.last_scrape_seconds = 0.0
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # registration must not trigger a scrape
+
+    def _process(self, comm: bytes | str) -> str:
+        name = comm if isinstance(comm, str) else records.decode_comm(comm)
+        return self.processes(name or "unknown")
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -60,39 +58,48 @@ class SockwatchCollector(Collector):
             return
         kernel_stats = probes.stats()
         transitions = probes.transitions()
+        totals = probes.totals()
+        hists = probes.histograms()
         loss = mon.loss()
+
+        connects: collections.Counter = collections.Counter()
+        accepts: collections.Counter = collections.Counter()
+        sent: collections.Counter = collections.Counter()
+        received: collections.Counter = collections.Counter()
+        retrans: collections.Counter = collections.Counter()
+        by_kind = {records.Total.SENT_BYTES: sent, records.Total.RECEIVED_BYTES: received,
+                   records.Total.RETRANSMITS: retrans}
+        for key, n in totals.items():
+            proc = self._process(key.comm)
+            if key.what == records.Total.CONNECT:
+                connects[(proc, records.Result(key.result).name.lower())] += n
+            elif key.what == records.Total.ACCEPT:
+                accepts[(proc, self.ports(str(key.port)))] += n
+            else:
+                by_kind[key.what][proc] += n
+
+        by_state: collections.Counter = collections.Counter()
+        listeners: collections.Counter = collections.Counter()
+        live_unpack = records.LIVE.unpack_from
         with mon.lock:
             table = mon.table
-            t = table.totals
-            live = list(table.live.values())
-            by_state: collections.Counter = collections.Counter()
-            sent: collections.Counter = collections.Counter()
-            received: collections.Counter = collections.Counter()
-            retrans: collections.Counter = collections.Counter()
-            listeners: collections.Counter = collections.Counter()
-            for conn in live:
-                ev = conn.ev
-                proc = t.processes(conn.process)
-                by_state[(state_name(ev.state), proc)] += 1
-                if ev.role == Role.LISTENER:
-                    listeners[(t.ports(str(ev.sport)), proc)] += 1
+            for row in table.live.values():
+                state, role, b_recv, b_sent, b_retr, segs_retr, sport, fin = live_unpack(row.raw)
+                proc = self._process(row.comm)
+                by_state[(state_name(state), proc)] += 1
+                if role == Role.LISTENER:
+                    listeners[(self.ports(str(sport)), proc)] += 1
                     continue
-                sent[proc] += ev.payload_sent
-                received[proc] += ev.payload_received
-                retrans[proc] += ev.total_retrans
-            for proc, b in t.closed_bytes.items():
-                sent[proc] += b.sent
-                received[proc] += b.received
-                retrans[proc] += b.retransmits
-            connects = dict(t.connects)
-            accepts = dict(t.accepts)
-            ended = dict(table.ended)
-            handshake = {k: v for k, v in t.handshake.items()}
-            lifetime = {k: v for k, v in t.lifetime.items()}
+                # live payload so far; the kernel adds the final count at close
+                sent[proc] += b_sent - b_retr
+                received[proc] += max(0, b_recv - fin)
+                retrans[proc] += segs_retr
+            ended = table.ended_by_name()
             counters = dict(table.counters)
-            folded = {"process": t.processes.folded, "port": t.ports.folded}
-            per_conn = live[: self.per_connection_limit] if self.per_connection else []
-            live_count = len(live)
+            live_count = len(table.live)
+            per_conn = ([row.connection() for _, row in zip(range(self.per_connection_limit),
+                                                            table.live.values())]
+                        if self.per_connection else [])
 
         m = CounterMetricFamily(P + "connects", "Outgoing connection attempts by result.",
                                 labels=["process", "result"])
@@ -133,12 +140,18 @@ class SockwatchCollector(Collector):
             for proc, n in sorted(values.items()):
                 m.add_metric([proc], n)
             yield m
-        yield _histogram("handshake_seconds",
-                         "Handshake time: SYN_SENT->ESTABLISHED (client), SYN_RECV->ESTABLISHED (server).",
-                         "role", handshake)
-        yield _histogram("connection_lifetime_seconds",
-                         "Lifetime of connections that ended (first state to close).",
-                         "role", lifetime)
+        for name, doc, family in (
+            ("handshake_seconds", "Handshake time: SYN_SENT->ESTABLISHED (client), "
+             "SYN_RECV->ESTABLISHED (server).",
+             {"client": records.Hist.HANDSHAKE_CLIENT, "server": records.Hist.HANDSHAKE_SERVER}),
+            ("connection_lifetime_seconds", "Lifetime of connections that ended.",
+             {"client": records.Hist.LIFETIME_CLIENT, "server": records.Hist.LIFETIME_SERVER}),
+        ):
+            m = HistogramMetricFamily(P + name, doc, labels=["role"])
+            for role, hist in family.items():
+                buckets, total_s = cumulative_buckets(hists[hist])
+                m.add_metric([role], buckets, total_s)
+            yield m
         if per_conn:
             yield from self._per_connection(per_conn)
 
@@ -147,11 +160,12 @@ class SockwatchCollector(Collector):
                                 labels=["source"])
         m.add_metric(["ringbuf_full"], loss.ringbuf_full)
         m.add_metric(["socks_map_full"], loss.socks_map_full)
+        m.add_metric(["totals_map_full"], loss.totals_map_full)
         m.add_metric(["decode"], loss.decode_errors)
         m.add_metric(["table_full"], loss.table_full)
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
-                                  value=loss.decode_errors)
+                                  value=loss.decode_errors + counters.get("malformed", 0))
         yield CounterMetricFamily(P + "untracked_closes",
                                   "Closes of sockets opened before sockwatch started (or evicted).",
                                   value=kernel_stats[records.Stat.UNTRACKED_CLOSE])
@@ -160,10 +174,10 @@ class SockwatchCollector(Collector):
                                   value=counters.get("reconciled_removed", 0)
                                   + counters.get("stale_replaced", 0))
         m = CounterMetricFamily(P + "folded_label_values",
-                                "Observations whose label value was folded into 'other' by the cap.",
+                                "Distinct label values folded into 'other' by the cap.",
                                 labels=["label"])
-        for label, n in sorted(folded.items()):
-            m.add_metric([label], n)
+        m.add_metric(["process"], self.processes.folded)
+        m.add_metric(["port"], self.ports.folded)
         yield m
         m = GaugeMetricFamily(P + "table_entries", "Entries in sockwatch's tables.", labels=["table"])
         m.add_metric(["connections"], live_count)
@@ -184,10 +198,9 @@ class SockwatchCollector(Collector):
         yield m
         yield GaugeMetricFamily(P + "start_time_seconds", "When this sockwatch started (Unix time).",
                                 value=self.start_time)
-        self.last_scrape_seconds = time.perf_counter() - started
         yield GaugeMetricFamily(P + "scrape_duration_seconds",
                                 "Time spent collecting this scrape, before exposition.",
-                                value=self.last_scrape_seconds)
+                                value=time.perf_counter() - started)
 
     def _per_connection(self, conns: list) -> Iterator[Metric]:
         labels = ["process", "pid", "local", "remote", "state"]
@@ -197,7 +210,7 @@ class SockwatchCollector(Collector):
                                 labels=labels)
         for conn in conns:
             ev = conn.ev
-            values = [conn.comm, str(conn.tgid),
+            values = [conn.process, str(conn.tgid),
                       records.format_endpoint(ev.family, ev.saddr, ev.sport),
                       records.format_endpoint(ev.family, ev.daddr, ev.dport),
                       state_name(ev.state)]

@@ -2,7 +2,8 @@
 
 This is the only module that knows libbpf exists. It wraps just what the
 loader needs: open an object, choose programs, size maps, set read-only
-settings, load, attach, read maps, the ring buffer and iterators. Errors come
+settings, load, attach, read maps and iterators. (The ring buffer is read
+over mmap by ringbuf.py: a ctypes callback per record costs microseconds.) Errors come
 back as :class:`LibbpfError` carrying libbpf's own log lines, so a verifier
 rejection names the program and shows the relevant part of the log.
 """
@@ -48,7 +49,6 @@ class _BtfVarSecinfo(_c.Structure):
 
 
 _PRINT_FN = _c.CFUNCTYPE(_c.c_int, _c.c_int, _c.c_char_p, _vp)
-_SAMPLE_FN = _c.CFUNCTYPE(_c.c_int, _vp, _vp, _c.c_size_t)
 
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_object__open_file": (_vp, [_c.c_char_p, _vp]),
@@ -77,9 +77,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "btf__type_by_id": (_c.POINTER(_BtfType), [_vp, _c.c_uint32]),
     "btf__name_by_offset": (_c.c_char_p, [_vp, _c.c_uint32]),
     "btf__resolve_size": (_c.c_int64, [_vp, _c.c_uint32]),
-    "ring_buffer__new": (_vp, [_c.c_int, _SAMPLE_FN, _vp, _vp]),
-    "ring_buffer__consume": (_c.c_int, [_vp]),
-    "ring_buffer__free": (None, [_vp]),
+    "bpf_map_get_next_key": (_c.c_int, [_c.c_int, _vp, _vp]),
 }
 
 
@@ -297,6 +295,21 @@ class BpfObject:
             self._ptr = None
 
 
+def read_hash(map_fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]:
+    """Every (key, value) of a hash map, as raw bytes (small maps: one syscall per key)."""
+    so = lib().so
+    key, nxt = _c.create_string_buffer(key_size), _c.create_string_buffer(key_size)
+    value = _c.create_string_buffer(value_size)
+    out: dict[bytes, bytes] = {}
+    prev = None
+    while so.bpf_map_get_next_key(map_fd, prev, nxt) == 0:
+        _c.memmove(key, nxt, key_size)
+        if so.bpf_map_lookup_elem(map_fd, key, value) == 0:  # ENOENT: deleted meanwhile
+            out[key.raw] = value.raw
+        prev = key
+    return out
+
+
 def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
     """Sum each slot of a BPF_MAP_TYPE_PERCPU_ARRAY of __u64 over all CPUs."""
     ncpu = num_possible_cpus()
@@ -331,45 +344,3 @@ def read_all(fd: int, chunk: int = 1 << 20) -> bytes:
             parts.append(data)
     finally:
         os.close(fd)
-
-
-class RingBuffer:
-    """A BPF ring buffer drained on demand: records are copied out as bytes.
-
-    The kernel side submits with BPF_RB_NO_WAKEUP, so nothing here blocks on
-    epoll; the reader calls drain() on a timer and gets a batch back.
-    """
-
-    def __init__(self, map_fd: int):
-        self._batch: list[bytes] = []
-        self._cb = _SAMPLE_FN(self._on_sample)  # kept alive for libbpf
-        ptr = lib().so.ring_buffer__new(map_fd, self._cb, None, None)
-        if not ptr:
-            raise LibbpfError("cannot set up the ring buffer", _c.get_errno())
-        self._ptr: int | None = ptr
-
-    def _on_sample(self, _ctx: int, data: int, size: int) -> int:
-        self._batch.append(_c.string_at(data, size))
-        return 0
-
-    def drain(self) -> list[bytes]:
-        """Every record submitted so far, in submission order."""
-        assert self._ptr is not None
-        rc = lib().so.ring_buffer__consume(self._ptr)
-        if rc < 0:
-            raise LibbpfError(f"ring buffer read failed: {os.strerror(-rc)}", -rc)
-        batch, self._batch = self._batch, []
-        return batch
-
-    def free(self) -> None:
-        if self._ptr is not None:
-            lib().so.ring_buffer__free(self._ptr)
-            self._ptr = None
-
-
-def iter_records(data: bytes, size: int) -> Iterator[memoryview]:
-    """Split an iterator dump into fixed-size records."""
-    view = memoryview(data)
-    for off in range(0, len(data) - size + 1, size):
-        yield view[off : off + size]
-

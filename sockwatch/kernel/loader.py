@@ -27,11 +27,12 @@ from sockwatch.kernel.libbpf import (
     BpfObject,
     LibbpfError,
     Link,
-    RingBuffer,
     create_iterator,
     read_all,
+    read_hash,
     read_percpu_u64_array,
 )
+from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.kernel import netns
 
 ATTACH_MODES = ("auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
@@ -175,9 +176,12 @@ class Probes:
         self.plan = plan
         self.features = feats
         self._snapshot_link = next(ln for ln in links if ln.program == SNAPSHOT_PROGRAM)
-        self.ring = RingBuffer(obj.map_fd("events"))
+        self.ring = RingReader(obj.map_fd("events"), obj.map_max_entries("events"),
+                               records.EVENT_SIZE)
         self._stats_fd = obj.map_fd("stats")
         self._transitions_fd = obj.map_fd("transitions")
+        self._totals_fd = obj.map_fd("totals")
+        self._hists_fd = obj.map_fd("hists")
         self.socks_capacity = obj.map_max_entries("socks")
 
     def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
@@ -198,9 +202,20 @@ class Probes:
         values = read_percpu_u64_array(self._transitions_fd, n * n)
         return {(i // n, i % n): v for i, v in enumerate(values) if v}
 
+    def totals(self) -> dict[records.TotalKey, int]:
+        """The kernel's running totals (connects, accepts, bytes) by task name."""
+        raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)
+        return {records.decode_total_key(k): int.from_bytes(v, "little") for k, v in raw.items()}
+
+    def histograms(self) -> list[list[int]]:
+        """Slot counts of each kernel histogram (enum sw_hist), sum in the last slot."""
+        stride = records.HIST_STRIDE
+        flat = read_percpu_u64_array(self._hists_fd, records.HIST_COUNT * stride)
+        return [flat[i * stride : (i + 1) * stride] for i in range(records.HIST_COUNT)]
+
     def close(self) -> None:
         """Detach everything; safe to call twice."""
-        self.ring.free()
+        self.ring.close()
         for link in self._links:
             link.destroy()
         self._links = []

@@ -1,11 +1,10 @@
-"""Turn what the kernel hands over into typed records, counting what is malformed."""
+"""What the kernel hands over, as raw records in batches; malformed ones counted."""
 
 from __future__ import annotations
 
 import time
 
 from sockwatch import records
-from sockwatch.kernel.libbpf import iter_records
 from sockwatch.kernel.loader import Probes
 
 
@@ -17,17 +16,19 @@ class EventReader:
         self.decode_errors = 0
         self.records_read = 0
 
-    def drain(self) -> list[records.ConnEvent]:
-        events, bad = records.decode_many(self._probes.ring.drain())
+    def drain(self) -> tuple[bytes, list[int]]:
+        """(blob, offsets): every whole record committed since the last drain."""
+        blob, offsets, bad = self._probes.ring.drain()
         self.decode_errors += bad
-        self.records_read += len(events) + bad
-        return events
+        self.records_read += len(offsets) + bad
+        return blob, offsets
 
-    def snapshot(self, netns_path: str | None = None) -> tuple[int, list[records.ConnEvent]]:
-        """(CLOCK_MONOTONIC ns taken just before the walk, one row per live socket)
+    def snapshot(self, netns_path: str | None = None) -> tuple[int, list[bytes]]:
+        """(CLOCK_MONOTONIC ns taken just before the walk, one raw row per live socket)
         for our network namespace or the one at ``netns_path``."""
         started = time.monotonic_ns()
         data = self._probes.snapshot_bytes(netns_path)
-        rows, bad = records.decode_many(iter_records(data, records.EVENT_SIZE))
-        self.decode_errors += bad + (len(data) % records.EVENT_SIZE != 0)  # a torn tail
+        size = records.EVENT_SIZE
+        rows = [data[off : off + size] for off in range(0, len(data) - size + 1, size)]
+        self.decode_errors += len(data) % records.EVENT_SIZE != 0  # a torn tail
         return started, rows

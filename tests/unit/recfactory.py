@@ -55,10 +55,17 @@ def sw_event(
     srtt_us: int = 0,
     listen_backlog: int = 0,
     peer_fin: int = 0,
+    open_ns: int | None = None,
 ) -> records.SwEvent:
-    """A filled ``struct sw_event``; ``state_ns`` maps TCP state -> first-entry time."""
+    """A filled ``struct sw_event``; ``state_ns`` maps TCP state -> first-entry time.
+
+    ``open_ns`` defaults to the earliest state time, as the kernel sets it when it
+    starts tracking a socket (0 for a socket that predates sockwatch).
+    """
     ev = records.SwEvent()
     s = ev.sock
+    s.open_ns = open_ns if open_ns is not None else min(
+        (t for t in (state_ns or {}).values() if t), default=0)
     for st, t in (state_ns or {}).items():
         s.state_ns[st] = t
     s.ino, s.tgid, s.tid, s.fd, s.uid = ino, tgid, tid, fd, uid

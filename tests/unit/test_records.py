@@ -24,7 +24,7 @@ FUZZ = settings(max_examples=400, database=None, deadline=None,
 
 def test_event_size_matches_ctypes_struct():
     """The decoder's struct format and the ctypes mirror must agree on the record size."""
-    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 280
+    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 288
     assert len(raw()) == records.EVENT_SIZE
 
 
@@ -128,7 +128,7 @@ def test_comm_nul_padding(comm, expected):
 def test_comm_ignores_bytes_after_first_nul():
     """The kernel copies comm with strncpy semantics; whatever follows the NUL is not part of it."""
     ev = sw_event()
-    ctypes.memmove(ctypes.addressof(ev) + records.SwSock.comm.offset, b"ab\0zzzzzz", 9)
+    ctypes.memmove(ctypes.addressof(ev) + records.COMM_OFFSET, b"ab\0zzzzzz", 9)
     assert records.decode(bytes(ev)).comm == "ab"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from recfactory import NETNS, event
+from recfactory import NETNS, event, raw
 from sockwatch import records
 from sockwatch.records import Attrib, Kind, Result, Role
 from sockwatch.tables import ConnTable
@@ -19,24 +19,29 @@ SYN_SENT, ESTAB, CLOSE = records.TCP_SYN_SENT, records.TCP_ESTABLISHED, records.
 A, B, C, D, E = (0xFFFF888000000000 + i * 0x1000 for i in range(1, 6))
 
 
+def _live(tbl, key):
+    """A live row as views see it (decoded)."""
+    return tbl.live[key].connection()
+
+
 def opened(skaddr=A, t=1_000, **kw):
     """OPEN of a client that entered SYN_SENT at ``t`` and ESTABLISHED just after."""
     kw.setdefault("state_ns", {SYN_SENT: t, ESTAB: t + 10})
-    return event(kind=Kind.OPEN, skaddr=skaddr, ts_ns=t + 10, state=ESTAB,
+    return raw(kind=Kind.OPEN, skaddr=skaddr, ts_ns=t + 10, state=ESTAB,
                  oldstate=SYN_SENT, **kw)
 
 
 def closed(skaddr=A, t=5_000, **kw):
     kw.setdefault("state_ns", {SYN_SENT: 1_000, ESTAB: 1_010, CLOSE: t})
     kw.setdefault("oldstate", ESTAB)
-    return event(kind=Kind.CLOSE, skaddr=skaddr, ts_ns=t, state=CLOSE, **kw)
+    return raw(kind=Kind.CLOSE, skaddr=skaddr, ts_ns=t, state=CLOSE, **kw)
 
 
 def snap(skaddr=A, t=10_000, **kw):
     kw.setdefault("role", Role.UNKNOWN)
     kw.setdefault("attrib", Attrib.NONE)
     kw.setdefault("state_ns", {})
-    return event(kind=Kind.SNAPSHOT, skaddr=skaddr, ts_ns=t, state=ESTAB, **kw)
+    return raw(kind=Kind.SNAPSHOT, skaddr=skaddr, ts_ns=t, state=ESTAB, **kw)
 
 
 def test_open_then_close_moves_to_closed_and_counts_result():
@@ -44,7 +49,7 @@ def test_open_then_close_moves_to_closed_and_counts_result():
     tbl = ConnTable()
     tbl.apply(opened(tgid=77, comm=b"curl", fd=5))
     assert list(tbl.live) == [A]
-    conn = tbl.live[A]
+    conn = _live(tbl, A)
     assert (conn.tgid, conn.comm, conn.fd, conn.seen_by) == (77, "curl", 5, "event")
     assert conn.alive_since_ns == 1_000
     assert tbl.counters["opened_client"] == 1
@@ -65,7 +70,7 @@ def test_close_of_unknown_socket_lands_in_closed():
     tbl.apply(closed(skaddr=A, t=3_000, result=Result.REFUSED, oldstate=SYN_SENT,
                      state_ns={SYN_SENT: 2_000, CLOSE: 3_000}, tgid=9, comm=b"nc"))
     assert list(tbl.live) == [B]
-    [gone] = tbl.closed
+    [gone] = tbl.recently_closed()
     assert (gone.key, gone.tgid, gone.comm, gone.seen_by) == (A, 9, "nc", "event")
     assert gone.alive_since_ns == 2_000 and gone.closed_ns == 3_000
     assert tbl.ended[(Role.CLIENT, Result.REFUSED)] == 1
@@ -79,10 +84,10 @@ def test_close_older_than_live_entry_does_not_remove_it():
                   state_ns={SYN_SENT: 1_000, ESTAB: 1_010, CLOSE: 6_000})
     tbl.apply(late)
     assert A in tbl.live
-    live = tbl.live[A]
+    live = _live(tbl, A)
     assert (live.tgid, live.comm, live.ev.kind, live.alive_since_ns) == (2, "new", Kind.OPEN, 8_000)
     # the old socket's close is still a real close: it is recorded on its own
-    [gone] = tbl.closed
+    [gone] = tbl.recently_closed()
     assert (gone.tgid, gone.comm, gone.closed_ns) == (1, "old", 6_000)
 
 
@@ -92,7 +97,7 @@ def test_open_older_than_live_entry_is_ignored():
     tbl.apply(opened(skaddr=A, t=8_000, tgid=2, comm=b"new", bytes_sent=10))
     tbl.apply(opened(skaddr=A, t=1_000, tgid=1, comm=b"old", bytes_sent=999,
                      attrib=Attrib.CONNECT))
-    live = tbl.live[A]
+    live = _live(tbl, A)
     assert (live.tgid, live.comm, live.ev.bytes_sent) == (2, "new", 10)
 
 
@@ -107,8 +112,8 @@ def test_snapshot_rows_seed_connections():
     assert seen == {A, B}
     assert {k: c.seen_by for k, c in tbl.live.items()} == {A: "snapshot", B: "snapshot"}
     # no state timestamps: alive since the walk that first saw it
-    assert tbl.live[A].alive_since_ns == 10_000
-    assert tbl.live[A].owner_is_guess and tbl.live[B].owner_is_guess
+    assert _live(tbl, A).alive_since_ns == 10_000
+    assert _live(tbl, A).owner_is_guess and _live(tbl, B).owner_is_guess
     # snapshots are not opens
     assert not any(v for k, v in tbl.counters.items() if k.startswith("opened_"))
 
@@ -118,12 +123,12 @@ def test_snapshot_refreshes_counters_of_existing_connection():
     tbl = ConnTable()
     tbl.apply(opened(skaddr=A, t=1_000, bytes_sent=10, tgid=5, comm=b"app"))
     tbl.merge_snapshot([snap(skaddr=A, t=20_000, bytes_sent=123_456, tgid=5, comm=b"app")])
-    conn = tbl.live[A]
+    conn = _live(tbl, A)
     assert conn.ev.bytes_sent == 123_456 and conn.ev.ts_ns == 20_000
     assert conn.seen_by == "event" and conn.alive_since_ns == 1_000
     # an older walk (read before a newer record was applied) must not roll counters back
     tbl.merge_snapshot([snap(skaddr=A, t=15_000, bytes_sent=50, tgid=5, comm=b"app")])
-    assert tbl.live[A].ev.bytes_sent == 123_456
+    assert _live(tbl, A).ev.bytes_sent == 123_456
 
 
 def test_remove_missing_removes_only_rows_the_snapshot_should_have_seen():
@@ -162,10 +167,10 @@ def test_task_attribution_replaces_guessed_owner(task):
     tbl = ConnTable()
     tbl.apply(opened(skaddr=A, role=Role.SERVER, attrib=Attrib.LISTENER, tgid=100,
                      comm=b"master"))
-    assert tbl.live[A].owner_is_guess
+    assert _live(tbl, A).owner_is_guess
     tbl.apply(opened(skaddr=A, t=2_000, role=Role.SERVER, attrib=task, tgid=200,
                      comm=b"worker", fd=9))
-    conn = tbl.live[A]
+    conn = _live(tbl, A)
     assert (conn.tgid, conn.comm, conn.fd) == (200, "worker", 9)
     assert not conn.owner_is_guess
 
@@ -176,11 +181,11 @@ def test_guess_never_replaces_resolved_owner():
     tbl.apply(opened(skaddr=A, role=Role.SERVER, attrib=Attrib.FIRST_IO, tgid=200,
                      comm=b"worker"))
     # the same socket (same first-state times), later: only its ts_ns moves on
-    tbl.apply(event(kind=Kind.OPEN, skaddr=A, ts_ns=2_000, state=ESTAB, role=Role.SERVER,
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=A, ts_ns=2_000, state=ESTAB, role=Role.SERVER,
                     attrib=Attrib.LISTENER, tgid=100, comm=b"master",
                     state_ns={SYN_SENT: 1_000, ESTAB: 1_010}))
     tbl.merge_snapshot([snap(skaddr=A, t=9_000, attrib=Attrib.NONE, tgid=100, comm=b"master")])
-    conn = tbl.live[A]
+    conn = _live(tbl, A)
     assert (conn.tgid, conn.comm) == (200, "worker")
 
 
@@ -190,7 +195,7 @@ def test_guess_fills_an_unknown_owner():
     tbl.merge_snapshot([snap(skaddr=A, t=1_000, tgid=0, comm=b"")])
     tbl.merge_snapshot([snap(skaddr=A, t=2_000, tgid=100, comm=b"master",
                              attrib=Attrib.LISTENER)])
-    assert (tbl.live[A].tgid, tbl.live[A].comm) == (100, "master")
+    assert (_live(tbl, A).tgid, _live(tbl, A).comm) == (100, "master")
 
 
 def test_closed_ring_is_bounded():
@@ -213,9 +218,9 @@ def test_max_live_caps_table_and_counts_table_full():
     assert set(tbl.live) == {A, B}
     assert tbl.counters["table_full"] == 2
     # updates of rows already in the table are still applied
-    tbl.apply(event(kind=Kind.OPEN, skaddr=A, ts_ns=1_500, state=ESTAB, bytes_sent=77,
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=A, ts_ns=1_500, state=ESTAB, bytes_sent=77,
                     state_ns={SYN_SENT: 1_000, ESTAB: 1_010}))
-    assert tbl.live[A].ev.bytes_sent == 77 and tbl.counters["table_full"] == 2
+    assert _live(tbl, A).ev.bytes_sent == 77 and tbl.counters["table_full"] == 2
     # a close of a dropped socket is still recorded (it carries everything)
     tbl.apply(closed(skaddr=C))
     assert [c.key for c in tbl.closed] == [C]
@@ -227,7 +232,7 @@ def test_snapshot_copies_are_independent():
     tbl.apply(opened(skaddr=A, tgid=5, fd=3))
     rows = tbl.snapshot()
     rows[0].fd, rows[0].tgid = 99, 1
-    assert (tbl.live[A].fd, tbl.live[A].tgid) == (3, 5)
+    assert (_live(tbl, A).fd, _live(tbl, A).tgid) == (3, 5)
 
 
 def test_new_incarnation_at_reused_address_replaces_stale_row():
@@ -237,7 +242,7 @@ def test_new_incarnation_at_reused_address_replaces_stale_row():
     tbl.apply(opened(skaddr=A, t=1_000, tgid=10, comm=b"first", fd=5))
     # ... CLOSE of the first socket lost; the kernel reuses the address ...
     tbl.apply(opened(skaddr=A, t=90_000, tgid=20, comm=b"second", fd=-1))
-    conn = tbl.live[A]
+    conn = _live(tbl, A)
     assert conn.tgid == 20
     assert conn.fd == -1
     assert conn.alive_since_ns == 90_000

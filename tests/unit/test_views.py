@@ -10,7 +10,7 @@ import io
 import json
 import socket
 
-from recfactory import event
+from recfactory import event, raw
 from sockwatch import records
 from sockwatch.records import Attrib, Kind, Result, Role
 from sockwatch.tables import ConnTable
@@ -22,15 +22,20 @@ SYN_SENT, ESTAB, CLOSE, LISTEN = (records.TCP_SYN_SENT, records.TCP_ESTABLISHED,
                                   records.TCP_CLOSE, records.TCP_LISTEN)
 
 
+def _live(tbl, key):
+    """A live row as views see it (decoded)."""
+    return tbl.live[key].connection()
+
+
 def _table() -> ConnTable:
     tbl = ConnTable()
-    tbl.apply(event(kind=Kind.OPEN, skaddr=1, role=Role.CLIENT, tgid=500, comm=b"curl", fd=3,
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=1, role=Role.CLIENT, tgid=500, comm=b"curl", fd=3,
                     saddr="10.0.0.1", sport=40001, daddr="93.184.216.34", dport=443,
                     state=ESTAB, bytes_sent=13_000, state_ns={SYN_SENT: 1, ESTAB: 2}, ts_ns=2))
-    tbl.apply(event(kind=Kind.OPEN, skaddr=2, role=Role.LISTENER, attrib=Attrib.LISTEN,
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=2, role=Role.LISTENER, attrib=Attrib.LISTEN,
                     tgid=900, comm=b"nginx", fd=6, saddr="0.0.0.0", sport=80, daddr="0.0.0.0",
                     dport=0, state=LISTEN, listen_backlog=511, state_ns={LISTEN: 1}, ts_ns=1))
-    tbl.apply(event(kind=Kind.OPEN, skaddr=3, role=Role.SERVER, tgid=0, comm=b"", fd=-1,
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=3, role=Role.SERVER, tgid=0, comm=b"", fd=-1,
                     family=socket.AF_INET6, saddr="::1", sport=80, daddr="::1", dport=51000,
                     state=ESTAB, state_ns={ESTAB: 3}, ts_ns=3))
     return tbl
@@ -70,10 +75,10 @@ def test_render_text_has_header_and_one_line_per_row():
 def test_render_text_closed_rows_show_result():
     """--closed shows how each connection ended in the STATE column."""
     tbl = ConnTable()
-    tbl.apply(event(kind=Kind.CLOSE, skaddr=1, state=CLOSE, oldstate=SYN_SENT,
+    tbl.apply(raw(kind=Kind.CLOSE, skaddr=1, state=CLOSE, oldstate=SYN_SENT,
                     result=Result.REFUSED, state_ns={SYN_SENT: 1, CLOSE: 5}, ts_ns=5))
-    tbl.apply(event(kind=Kind.OPEN, skaddr=2, state=ESTAB, state_ns={ESTAB: 1}, ts_ns=1))
-    tbl.remove_missing(set(), 100, {tbl.live[2].ev.netns})
+    tbl.apply(raw(kind=Kind.OPEN, skaddr=2, state=ESTAB, state_ns={ESTAB: 1}, ts_ns=1))
+    tbl.remove_missing(set(), 100, {_live(tbl, 2).ev.netns})
     out = io.StringIO()
     table_view.render(table_view.rows_of(tbl.recently_closed(), Filter()), out, as_json=False)
     states = [ln.split()[4] for ln in out.getvalue().splitlines()[1:]]
