@@ -113,19 +113,21 @@ class ConnTable:
 
     # -- records ---------------------------------------------------------------
     def apply_batch(self, blob: bytes, offsets: Iterable[int]) -> None:
-        """Apply records found at ``offsets`` in ``blob`` (the ring buffer's hot path)."""
+        """Apply records found at ``offsets`` in ``blob`` (the ring buffer's hot path:
+        hot fields are read in place, bytes are copied only for what is kept)."""
         for off in offsets:
-            self._apply(blob[off : off + _SIZE])
+            self._apply(blob, off)
 
     def apply(self, raw: bytes) -> None:
         """Apply one record (exactly ``records.EVENT_SIZE`` bytes)."""
-        self._apply(raw)
+        self._apply(raw, 0)
 
-    def _apply(self, raw: bytes) -> None:
-        h = _hot(raw)
+    def _apply(self, blob: bytes, off: int) -> None:
+        h = _hot(blob, off)
         if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS:
             self.counters["malformed"] += 1  # never from our kernel side; counted, not fatal
             return
+        raw = blob[off : off + _SIZE] if off or len(blob) != _SIZE else blob
         if h[2] == _CLOSE:
             self._close(raw, h)
         else:
@@ -189,7 +191,7 @@ class ConnTable:
         seen = set()
         for raw in rows:
             seen.add(_hot(raw)[1])
-            self._apply(raw)
+            self._apply(raw, 0)
         return seen
 
     def remove_missing(self, seen: set[int], snapshot_ns: int, walked: set[int]) -> int:

@@ -77,9 +77,11 @@ def test_reconcile_walks_other_namespaces(monitor, netns_pair):
     try:
         client_port = int(child.stdout.readline())
         monitor.poll()
+        ns_b = os.stat(f"/run/netns/{netns_pair.b}").st_ino
+
         def row():
             conns = monitor.connections()
-            mine = [c for c in conns if c.ev.sport == client_port]
+            mine = [c for c in conns if c.ev.sport == client_port and c.ev.netns == ns_b]
             assert mine, (client_port, dict(monitor.table.counters),
                           [(c.ev.sport, c.ev.dport, c.ev.netns, c.reconciled)
                            for c in monitor.table.recently_closed()][-8:],
@@ -87,7 +89,7 @@ def test_reconcile_walks_other_namespaces(monitor, netns_pair):
             return mine[0]
 
         before = row()
-        assert before.ev.netns == os.stat(f"/run/netns/{netns_pair.b}").st_ino != monitor.netns
+        assert before.ev.netns == ns_b != monitor.netns
         assert before.tgid == child.pid or psutil.Process(before.tgid).ppid() == child.pid
         assert before.ev.payload_sent == 0
         child.stdin.write("go\n")
