@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from sockwatch import records
 from sockwatch.kernel import loader, netns
@@ -65,6 +65,7 @@ class Monitor:
         self.lock = threading.RLock()
         # One thread at a time drains the ring buffer or walks the kernel.
         self._io = threading.RLock()
+        self._pending: list[tuple[bytes, Sequence[int]]] = []  # drained by reconcile()
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
         self._objects_dir = objects_dir
@@ -131,7 +132,7 @@ class Monitor:
             return self._reconcile(self._reader)
 
     def _reconcile(self, reader: EventReader) -> int:
-        self.poll()
+        self._keep(self.poll_raw())
         taken, rows = reader.snapshot()
         walked = {self.netns}
         for ino, path in self._other_namespaces().items():
@@ -142,9 +143,16 @@ class Monitor:
             walked.add(ino)
         with self.lock:
             seen = self.table.merge_snapshot(rows)
-        self.poll()  # closes during the walk must win over the rows read before them
+        self._keep(self.poll_raw())  # closes during the walk win over rows read before them
         with self.lock:
-            return self.table.remove_missing(seen, taken, walked)
+            removed = self.table.remove_missing(seen, taken, walked)
+        self.resolve_owners(fds=False)  # sockets that predate us get a process name
+        return removed
+
+    def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
+        """Hold batches drained outside run()'s loop so its consumers still see them."""
+        if batch[1]:
+            self._pending.append(batch)
 
     def run(
         self,
@@ -164,44 +172,54 @@ class Monitor:
         every = reconcile_interval if callable(reconcile_interval) else lambda: reconcile_interval
         next_reconcile = time.monotonic() + every()
         while not stop.wait(period()):
-            blob, offsets = self.poll_raw()
-            if offsets and on_batch:
-                on_batch(blob, offsets)
-            if offsets and on_events:
-                on_events(decode_batch(blob, offsets))
+            batches, self._pending = self._pending, []
+            batches.append(self.poll_raw())
+            for blob, offsets in batches:
+                if offsets and on_batch:
+                    on_batch(blob, offsets)
+                if offsets and on_events:
+                    on_events(decode_batch(blob, offsets))
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + every()
 
     # -- reading ------------------------------------------------------------------
-    def resolve_owners(self, conns: list[Connection]) -> None:
-        """Fill fds, and owners the kernel could only guess, from /proc (one batch)."""
-        need = [c for c in conns if c.ev.ino and (c.fd < 0 or c.owner_is_guess)]
+    def resolve_owners(self, fds: bool = True) -> int:
+        """Name, from /proc in one batch, the owners the kernel could only guess
+        and (with ``fds``) every fd not yet known. Works on the table's rows, so
+        nothing is decoded; each process is looked up once. Returns rows named."""
+        with self.lock:
+            need = [(key, row.tgid, records.ino_of(row.raw))
+                    for key, row in self.table.live.items()
+                    if row.owner_is_guess or (fds and row.fd < 0)]
+        need = [n for n in need if n[2]]
         if not need:
-            return
-        pids = None if any(c.owner_is_guess for c in need) else {c.tgid for c in need}
-        owners = procfs.socket_owners(pids, self._proc_root)
-        for conn in need:
-            holders = owners.get(conn.ev.ino)
+            return 0
+        guesses = any(tgid == 0 for _, tgid, _ in need)
+        owners = procfs.socket_owners(None if guesses else {t for _, t, _ in need},
+                                      self._proc_root)
+        names: dict[int, str] = {}
+        named = 0
+        for key, tgid, ino in need:
+            holders = owners.get(ino)
             if not holders:
                 continue
-            mine = [h for h in holders if h[0] == conn.tgid]
-            pid, fd = (mine or holders)[0]
-            if conn.tgid != pid:
+            pid, fd = next((h for h in holders if h[0] == tgid), holders[0])
+            if pid not in names:
                 info = self.processes.lookup(pid)
-                conn.tgid, conn.comm = pid, info.name if info else conn.comm
-            conn.fd = fd
+                names[pid] = info.name if info else ""
             with self.lock:
-                self.table.name_owner(conn.key, conn.tgid, conn.comm, conn.fd)
+                self.table.name_owner(key, pid, names[pid], fd)
+            named += 1
+        return named
 
     def connections(self, refresh: bool = True) -> list[Connection]:
         """Live connections with current counters and resolved owners."""
         if refresh:
             self.reconcile()
+        self.resolve_owners()
         with self.lock:
-            conns = self.table.snapshot()
-        self.resolve_owners(conns)
-        return conns
+            return self.table.snapshot()
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None

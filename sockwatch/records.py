@@ -357,6 +357,10 @@ def decode_comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def ino_of(raw: bytes) -> int:
+    return _INO.unpack_from(raw, _INO_OFFSET)[0]
+
+
 def needs_tuple_from(raw: bytes) -> bool:
     """The record lacks the local port or inode (a close the kernel did not track)."""
     return not (_SPORT.unpack_from(raw, _SPORT_OFFSET)[0] and _INO.unpack_from(raw, _INO_OFFSET)[0])

@@ -73,7 +73,7 @@ class Row:
     """A socket in the table: its latest raw record and what we learned of its owner."""
 
     __slots__ = ("raw", "ts_ns", "alive_since_ns", "netns", "tgid", "comm", "fd", "attrib",
-                 "seen_by", "closed_ns", "reconciled")
+                 "named", "seen_by", "closed_ns", "reconciled")
 
     def __init__(self, raw: bytes, ts_ns: int, alive_since_ns: int, netns: int, tgid: int,
                  fd: int, attrib: int, seen_by: str):
@@ -82,9 +82,10 @@ class Row:
         self.alive_since_ns = alive_since_ns
         self.netns = netns
         self.tgid = tgid
-        self.comm: bytes | str = raw[_COMM]  # bytes until decoded; str once /proc named it
+        self.comm: bytes | str | None = None  # None: the raw record's; str once /proc named it
         self.fd = fd
         self.attrib = attrib  # of the record the owner came from
+        self.named = False  # the owner was read from /proc: no longer a guess
         self.seen_by = seen_by
         self.closed_ns = 0
         self.reconciled = False
@@ -93,9 +94,18 @@ class Row:
     def key(self) -> int:
         return _hot(self.raw)[1]
 
+    @property
+    def owner_is_guess(self) -> bool:
+        return not self.named and (self.tgid == 0 or self.attrib not in TASK_ATTRIBUTIONS)
+
+    @property
+    def comm_bytes(self) -> bytes | str:
+        return self.raw[_COMM] if self.comm is None else self.comm
+
     def connection(self) -> Connection:
         ev = records.decode(self.raw)
-        comm = self.comm if isinstance(self.comm, str) else records.decode_comm(self.comm)
+        comm = self.comm_bytes
+        comm = comm if isinstance(comm, str) else records.decode_comm(comm)
         return Connection(ev, self.tgid, comm, self.fd, self.alive_since_ns, self.seen_by,
                           self.closed_ns, self.reconciled)
 
@@ -153,16 +163,24 @@ class ConnTable:
             self._upsert(raw, h)
             return
         if ts >= row.ts_ns:
-            row.raw, row.ts_ns = raw, ts
+            self._replace(row, raw, ts)
         self._take_owner(row, raw, tgid, fd, attrib)
         if kind == _OPEN:
             self.counters[_OPENED[role]] += 1
 
     @staticmethod
+    def _replace(row: Row, raw: bytes, ts: int) -> None:
+        """Newer counters and state; the owner's name stays until an owner is taken anew."""
+        if row.comm is None:
+            row.comm = row.raw[_COMM]
+        row.raw, row.ts_ns = raw, ts
+
+    @staticmethod
     def _take_owner(row: Row, raw: bytes, tgid: int, fd: int, attrib: int) -> None:
         """A task's attribution beats a guess; a guess never replaces what /proc found."""
         if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
-            row.tgid, row.comm, row.attrib = tgid, raw[_COMM], attrib
+            row.tgid, row.attrib = tgid, attrib
+            row.comm = None if row.raw is raw else raw[_COMM]
         if fd >= 0:
             row.fd = fd
 
@@ -175,7 +193,7 @@ class ConnTable:
                 # An untracked close (the socket predates us) comes after the kernel
                 # released the port and detached the file: keep what the row knew.
                 raw = records.with_tuple_of(raw, row.raw)
-            row.raw, row.ts_ns = raw, ts
+            self._replace(row, raw, ts)
             self._take_owner(row, raw, tgid, fd, attrib)
         else:
             # Never seen open: a failed connect, or a socket that lived and died
@@ -231,5 +249,5 @@ class ConnTable:
         """Record the owner /proc found for a live row (an fd never changes while it lives)."""
         row = self.live.get(key)
         if row is not None:
-            row.tgid, row.comm, row.fd = tgid, comm, fd
+            row.tgid, row.comm, row.fd, row.named = tgid, comm, fd, True
 

@@ -85,7 +85,7 @@ class SockwatchCollector(Collector):
             table = mon.table
             for row in table.live.values():
                 state, role, b_recv, b_sent, b_retr, segs_retr, sport, fin = live_unpack(row.raw)
-                proc = self._process(row.comm)
+                proc = self._process(row.comm_bytes)
                 by_state[(state_name(state), proc)] += 1
                 if role == Role.LISTENER:
                     listeners[(self.ports(str(sport)), proc)] += 1

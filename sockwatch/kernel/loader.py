@@ -31,6 +31,7 @@ from sockwatch.kernel.libbpf import (
     read_all,
     read_hash,
     read_percpu_u64_array,
+    release_freed_heap,
 )
 from sockwatch.kernel.ringbuf import RingReader
 from sockwatch.kernel import netns
@@ -275,7 +276,9 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
                     links.append(obj.attach(program))
                 except LibbpfError as exc:
                     raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
-        return Probes(obj, links, plan, feats)
+        probes = Probes(obj, links, plan, feats)
+        release_freed_heap()
+        return probes
     except BaseException:
         for link in links:
             link.destroy()
