@@ -159,12 +159,43 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 	return bpf_map_lookup_elem(&socks, &key);
 }
 
-/* Fill everything but the kind from @s (may be NULL) and the sock itself. */
-static __always_inline void build_event(struct sw_event *e, const struct sw_sock *s,
-					const struct sock *sk, __u64 now)
+/* The kernel's own TCP counters, read once per close (and per snapshot row). */
+struct counters {
+	__u64 bytes_acked;
+	__u64 bytes_received;
+	__u64 bytes_sent;
+	__u64 bytes_retrans;
+	__u32 segs_out;
+	__u32 segs_in;
+	__u32 total_retrans;
+	__u32 srtt_us;
+	__u8 peer_fin;
+};
+
+static __always_inline void read_counters(struct counters *c, const struct sock *sk)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 
+	c->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+	c->bytes_received = BPF_CORE_READ(tp, bytes_received);
+	c->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
+	c->bytes_retrans = BPF_CORE_READ(tp, bytes_retrans);
+	c->segs_out = BPF_CORE_READ(tp, segs_out);
+	c->segs_in = BPF_CORE_READ(tp, segs_in);
+	c->total_retrans = BPF_CORE_READ(tp, total_retrans);
+	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	c->peer_fin = !!(BPF_CORE_READ(sk, __sk_common.skc_flags) &
+			 (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE)));
+}
+
+/*
+ * Fill everything but the kind from @s (may be NULL), the sock itself and, when
+ * given, its counters (an OPEN has none worth reading yet).
+ */
+static __always_inline void build_event(struct sw_event *e, const struct sw_sock *s,
+					const struct sock *sk, const struct counters *c,
+					__u64 now)
+{
 	__builtin_memset(e, 0, sizeof(*e));
 	if (s) {
 		__builtin_memcpy(&e->sock, s, sizeof(*s));
@@ -187,25 +218,28 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 	}
 	e->netns = sock_netns(sk);
 	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-	e->bytes_received = BPF_CORE_READ(tp, bytes_received);
-	e->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
-	e->bytes_retrans = BPF_CORE_READ(tp, bytes_retrans);
-	e->peer_fin = !!(BPF_CORE_READ(sk, __sk_common.skc_flags) &
-			 (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE)));
 	/* The local port is released before TCP_CLOSE: use the one we kept. */
 	if (!e->sport && s)
 		e->sport = s->lport;
-	e->segs_out = BPF_CORE_READ(tp, segs_out);
-	e->segs_in = BPF_CORE_READ(tp, segs_in);
-	e->total_retrans = BPF_CORE_READ(tp, total_retrans);
-	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	e->listen_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	if (c) {
+		e->bytes_acked = c->bytes_acked;
+		e->bytes_received = c->bytes_received;
+		e->bytes_sent = c->bytes_sent;
+		e->bytes_retrans = c->bytes_retrans;
+		e->segs_out = c->segs_out;
+		e->segs_in = c->segs_in;
+		e->total_retrans = c->total_retrans;
+		e->srtt_us = c->srtt_us;
+		e->peer_fin = c->peer_fin;
+	}
+	if (s && s->role == SW_ROLE_LISTENER)
+		e->listen_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
 }
 
 /* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
-static __always_inline void emit(struct sw_sock *s, const struct sock *sk, __u8 kind,
-				 __u8 result, int oldstate, int newstate, __u64 now)
+static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
+				 const struct counters *c, __u8 kind, __u8 result, int oldstate,
+				 int newstate, __u64 now)
 {
 	struct sw_event *e;
 
@@ -214,7 +248,7 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk, __u8 
 		percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
 		return;
 	}
-	build_event(e, s, sk, now);
+	build_event(e, s, sk, c, now);
 	if (kind == SW_KIND_OPEN && s)
 		s->lport = e->sport;
 	e->kind = kind;
@@ -254,19 +288,15 @@ static __always_inline void observe_between(__u32 hist, __u64 from, __u64 to)
 }
 
 /* Fold a finished connection's payload and retransmits into its owner's totals. */
-static __always_inline void account_close(const struct sw_sock *s, const struct sock *sk,
+static __always_inline void account_close(const struct sw_sock *s, const struct counters *c,
 					  __u64 now)
 {
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	const char *comm = s ? s->comm : NULL;
-	__u64 received = BPF_CORE_READ(tp, bytes_received);
-	bool fin = BPF_CORE_READ(sk, __sk_common.skc_flags) &
-		   (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE));
 
-	add_total(comm, SW_TOTAL_SENT_BYTES, 0, 0,
-		  BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans));
-	add_total(comm, SW_TOTAL_RECEIVED_BYTES, 0, 0, received > fin ? received - fin : 0);
-	add_total(comm, SW_TOTAL_RETRANSMITS, 0, 0, BPF_CORE_READ(tp, total_retrans));
+	add_total(comm, SW_TOTAL_SENT_BYTES, 0, 0, c->bytes_sent - c->bytes_retrans);
+	add_total(comm, SW_TOTAL_RECEIVED_BYTES, 0, 0,
+		  c->bytes_received > c->peer_fin ? c->bytes_received - c->peer_fin : 0);
+	add_total(comm, SW_TOTAL_RETRANSMITS, 0, 0, c->total_retrans);
 	if (s)
 		observe_between(s->role == SW_ROLE_SERVER ? SW_HIST_LIFETIME_SERVER
 							  : SW_HIST_LIFETIME_CLIENT,
@@ -284,7 +314,7 @@ static __always_inline void claim_accepted(struct sw_sock *s, const struct sock 
 	add_total(s->comm, SW_TOTAL_ACCEPT, 0, BPF_CORE_READ(sk, __sk_common.skc_num), 1);
 	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV],
 			s->state_ns[TCP_ESTABLISHED]);
-	emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
+	emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
 }
 
 static __always_inline __u8 classify_close(const struct sock *sk, int oldstate)
@@ -351,6 +381,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 	__u64 now = bpf_ktime_get_ns();
 	__u64 key = (__u64)sk;
 	struct sw_sock *s;
+	struct counters c;
 	__u8 result;
 
 	if (oldstate <= 0 || oldstate >= SW_TCP_STATES || newstate <= 0 ||
@@ -374,7 +405,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			return 0;
 		remember_listener(sk, s);
 		s->flags |= SW_FLAG_OPEN_SENT;
-		emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+		emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		return 0;
 	case TCP_SYN_RECV:
 		/* LISTEN->SYN_RECV: the child sock is cloned in softirq; no owner yet. */
@@ -389,10 +420,11 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		/* Predates sockwatch or was evicted: still tell user space it is gone. */
 		if (newstate == TCP_CLOSE) {
 			percpu_inc(&stats, SW_STAT_UNTRACKED_CLOSE);
+			read_counters(&c, sk);
 			if (oldstate != TCP_SYN_SENT)
-				account_close(NULL, sk, now);
+				account_close(NULL, &c, now);
 			if (!suppress_close)
-				emit(NULL, sk, SW_KIND_CLOSE, classify_close(sk, oldstate),
+				emit(NULL, sk, &c, SW_KIND_CLOSE, classify_close(sk, oldstate),
 				     oldstate, newstate, now);
 		}
 		return 0;
@@ -407,7 +439,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			s->flags |= SW_FLAG_OPEN_SENT;
 			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
 			observe_between(SW_HIST_HANDSHAKE_CLIENT, s->state_ns[TCP_SYN_SENT], now);
-			emit(s, sk, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+			emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		}
 		return 0;
 	case TCP_FIN_WAIT1:
@@ -417,14 +449,15 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		return 0;
 	case TCP_CLOSE:
 		result = classify_close(sk, oldstate);
+		read_counters(&c, sk);
 		if (oldstate == TCP_SYN_SENT && result != SW_RESULT_OK)
 			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
 		else if (s->role != SW_ROLE_LISTENER)
-			account_close(s, sk, now);
+			account_close(s, &c, now);
 		if (suppress_close)
 			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
 		else
-			emit(s, sk, SW_KIND_CLOSE, result, oldstate, newstate, now);
+			emit(s, sk, &c, SW_KIND_CLOSE, result, oldstate, newstate, now);
 		bpf_map_delete_elem(&socks, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
@@ -585,7 +618,9 @@ int accept_sys_tp(struct trace_event_raw_sys_exit *ctx)
  * sock:sock_send_length and sock:sock_recv_length fire at the end of every
  * sendmsg/recvmsg on any socket, in the calling task. They only fire for socket
  * I/O (not every syscall), and a TCP socket's first one after accept() names
- * its owner: the default accept attribution. One map lookup per TCP call.
+ * its owner: the default accept attribution. One map lookup per call: for a
+ * non-TCP socket it misses, which costs no more than reading sk_protocol first
+ * (the classic tracepoint has the protocol in its context, so it checks).
  */
 static __always_inline int handle_io(const struct sock *sk)
 {
@@ -600,13 +635,13 @@ static __always_inline int handle_io(const struct sock *sk)
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(send_btf, struct sock *sk, int ret, int flags)
 {
-	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+	return handle_io(sk);
 }
 
 SEC("raw_tp/sock_send_length")
 int BPF_PROG(send_raw, struct sock *sk, int ret, int flags)
 {
-	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+	return handle_io(sk);
 }
 
 SEC("tp/sock/sock_send_length")
@@ -618,13 +653,13 @@ int send_tp(struct trace_event_raw_sock_msg_length *ctx)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_btf, struct sock *sk, int ret, int flags)
 {
-	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+	return handle_io(sk);
 }
 
 SEC("raw_tp/sock_recv_length")
 int BPF_PROG(recv_raw, struct sock *sk, int ret, int flags)
 {
-	return sk_protocol(sk) == IPPROTO_TCP ? handle_io(sk) : 0;
+	return handle_io(sk);
 }
 
 SEC("tp/sock/sock_recv_length")
@@ -642,6 +677,7 @@ SEC("iter/tcp")
 int dump_tcp(struct bpf_iter__tcp *ctx)
 {
 	struct sock_common *skc = ctx->sk_common;
+	struct counters c;
 	struct tcp_sock *tp;
 	struct sw_event *e;
 	struct sw_sock *s;
@@ -658,11 +694,14 @@ int dump_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 	key = (__u64)tp;
 	s = bpf_map_lookup_elem(&socks, &key);
-	build_event(e, s, (const struct sock *)tp, bpf_ktime_get_ns());
+	read_counters(&c, (const struct sock *)tp);
+	build_event(e, s, (const struct sock *)tp, &c, bpf_ktime_get_ns());
 	e->kind = SW_KIND_SNAPSHOT;
 	/* A listener that predates us is still plainly a listener. */
-	if (!s && e->state == TCP_LISTEN)
+	if (e->state == TCP_LISTEN) {
 		e->sock.role = SW_ROLE_LISTENER;
+		e->listen_backlog = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_max_ack_backlog);
+	}
 	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
 	return 0;
 }
