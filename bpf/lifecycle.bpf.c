@@ -48,6 +48,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Test-only switch: drop CLOSE records to prove reconciliation repairs them. */
 const volatile bool suppress_close = false;
+/*
+ * Records never wake the reader (it drains on a timer), unless the ring buffer
+ * holds more than this many bytes: then a burst wakes it before it overflows.
+ */
+const volatile __u64 wakeup_bytes = 1 << 20;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -255,7 +260,8 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 	e->result = result;
 	e->oldstate = oldstate;
 	e->state = newstate;
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > wakeup_bytes
+				      ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* Add @val to the running total @what of task @comm (NULL: owner unknown). */
@@ -421,11 +427,13 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		if (newstate == TCP_CLOSE) {
 			percpu_inc(&stats, SW_STAT_UNTRACKED_CLOSE);
 			read_counters(&c, sk);
-			if (oldstate != TCP_SYN_SENT)
-				account_close(NULL, &c, now);
+			/* Record first, totals second: a reader that sees the totals
+			 * can then find the record in the ring (see the exporter). */
 			if (!suppress_close)
 				emit(NULL, sk, &c, SW_KIND_CLOSE, classify_close(sk, oldstate),
 				     oldstate, newstate, now);
+			if (oldstate != TCP_SYN_SENT)
+				account_close(NULL, &c, now);
 		}
 		return 0;
 	}
@@ -450,14 +458,15 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 	case TCP_CLOSE:
 		result = classify_close(sk, oldstate);
 		read_counters(&c, sk);
-		if (oldstate == TCP_SYN_SENT && result != SW_RESULT_OK)
-			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
-		else if (s->role != SW_ROLE_LISTENER)
-			account_close(s, &c, now);
+		/* Record first, totals second (as above). */
 		if (suppress_close)
 			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
 		else
 			emit(s, sk, &c, SW_KIND_CLOSE, result, oldstate, newstate, now);
+		if (oldstate == TCP_SYN_SENT && result != SW_RESULT_OK)
+			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
+		else if (s->role != SW_ROLE_LISTENER)
+			account_close(s, &c, now);
 		bpf_map_delete_elem(&socks, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
@@ -666,6 +675,49 @@ SEC("tp/sock/sock_recv_length")
 int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
 {
 	return ctx->protocol == IPPROTO_TCP ? handle_io(ctx->sk) : 0;
+}
+
+/*
+ * tcp:tcp_destroy_sock fires when a full TCP socket is freed, after its last
+ * state change. A socket still in the socks map here had its transition to
+ * TCP_CLOSE missed (the program was skipped on nesting, or the kernel took a
+ * path without one): announce the close now, late, and count it.
+ */
+static __always_inline int handle_destroy(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
+	struct counters c;
+	__u8 result;
+
+	if (!s)
+		return 0;
+	percpu_inc(&stats, SW_STAT_LATE_CLOSE);
+	result = classify_close(sk, TCP_ESTABLISHED);
+	read_counters(&c, sk);
+	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, bpf_ktime_get_ns());
+	if (s->role != SW_ROLE_LISTENER)
+		account_close(s, &c, bpf_ktime_get_ns());
+	bpf_map_delete_elem(&socks, &key);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_btf, struct sock *sk)
+{
+	return handle_destroy(sk);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(destroy_raw, struct sock *sk)
+{
+	return handle_destroy(sk);
+}
+
+SEC("tp/tcp/tcp_destroy_sock")
+int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	return handle_destroy(ctx->skaddr);
 }
 
 /*

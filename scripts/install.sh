@@ -39,7 +39,15 @@ echo "== building BPF objects"
 make -C "$HERE/bpf" -s
 
 echo "== installing the Python package into $PREFIX/venv"
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+# The distribution's interpreter, never one under /root or /home (pyenv and the
+# like): the unit's ProtectHome= hides those, and the service could not start.
+SYSTEM_PYTHON=/usr/bin/python3
+if [ -x "$PREFIX/venv/bin/python" ] && \
+   [ "$(readlink -f "$PREFIX/venv/bin/python")" != "$(readlink -f "$SYSTEM_PYTHON")" ]; then
+    echo "== $PREFIX/venv was built from another interpreter: rebuilding it"
+    rm -rf "$PREFIX/venv"
+fi
+[ -x "$PREFIX/venv/bin/python" ] || "$SYSTEM_PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install -q --upgrade pip >/dev/null
 if [ $WITH_TESTS -eq 1 ]; then
     "$PREFIX/venv/bin/pip" install -q "$HERE[test]"

@@ -71,7 +71,7 @@ def require_bpf_privileges() -> None:
     if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
         return
     raise NotPrivilegedError(
-        "sockwatch needs root, or CAP_BPF and CAP_PERFMON, to load its BPF programs "
+        "needs root, or CAP_BPF and CAP_PERFMON, to load its BPF programs "
         f"(running as uid {os.getuid()})"
     )
 
@@ -296,7 +296,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             timer.start()
         try:
             mon.run(stop, on_events)
-            on_events(mon.poll())  # what arrived since the last tick
+            mon.flush(on_events)  # what arrived since the last tick
         finally:
             if timer:
                 timer.cancel()

@@ -23,6 +23,11 @@ from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
+MERGE_CHUNK = 2048  # snapshot rows applied per hold of the table lock
+MAX_PENDING = 64  # drained batches kept for run()'s consumers
+SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
+
+
 def decode_batch(blob: bytes, offsets: list[int]) -> list[records.ConnEvent]:
     """Decode a drained batch (malformed records were already set aside by the reader)."""
     size = records.EVENT_SIZE
@@ -42,6 +47,8 @@ class Loss:
     decode_errors: int
     table_full: int
     totals_map_full: int
+    recursion_misses: int  # program runs skipped by the kernel: events never seen
+    undelivered: int  # applied to the tables but dropped before run()'s consumers saw them
     untracked_close: int  # not a loss: closes of sockets that predate sockwatch
     suppressed_close: int  # test switch only
 
@@ -63,9 +70,10 @@ class Monitor:
         # Held while records are applied and while readers copy or aggregate, so
         # HTTP threads never see a table half-way through a batch.
         self.lock = threading.RLock()
-        # One thread at a time drains the ring buffer or walks the kernel.
-        self._io = threading.RLock()
-        self._pending: list[tuple[bytes, Sequence[int]]] = []  # drained by reconcile()
+        # One thread at a time drains the ring buffer; one at a time walks the kernel.
+        self._ring = threading.Lock()
+        self._walk = threading.Lock()
+        self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
         self._objects_dir = objects_dir
@@ -94,19 +102,35 @@ class Monitor:
         self.close()
 
     # -- keeping current ------------------------------------------------------------
-    def poll_raw(self) -> tuple[bytes, list[int]]:
-        """Drain the ring buffer into the tables without decoding: the hot path."""
+    def poll_raw(self) -> tuple[bytes, Sequence[int]]:
+        """Drain the ring buffer into the tables without decoding: the hot path.
+
+        Drain and apply happen under one lock, so once it is taken every record
+        drained earlier is in the table (reconcile relies on that).
+        """
         assert self._reader is not None, "start() first"
-        with self._io:
+        with self._ring:
             blob, offsets = self._reader.drain()
-        with self.lock:
-            self.table.apply_batch(blob, offsets)
+            with self.lock:
+                self.table.apply_batch(blob, offsets)
         return blob, offsets
 
+    def sync(self) -> None:
+        """Bring the tables up to date now (from any thread); run()'s consumers still
+        get the records. Drains again while records are still being written (a few
+        microseconds), so everything submitted before the call is applied."""
+        assert self._reader is not None, "start() first"
+        for _ in range(SYNC_ATTEMPTS):
+            self._keep(self.poll_raw())
+            if not self._reader.backlog():
+                return
+
     def poll(self) -> list[records.ConnEvent]:
-        """Drain the ring buffer into the tables; returns the records, decoded."""
-        blob, offsets = self.poll_raw()
-        return decode_batch(blob, offsets)
+        """Drain the ring buffer into the tables; returns, decoded, every record drained
+        since the last poll() or flush() (also those a reconcile or a view drained)."""
+        events: list[records.ConnEvent] = []
+        self.flush(events.extend)
+        return events
 
     def _other_namespaces(self) -> dict[int, str]:
         """Paths into the other network namespaces the table has rows in."""
@@ -126,33 +150,42 @@ class Monitor:
         Our namespace is always walked; other namespaces are walked when the table
         has rows there and a path into them still exists (a /run/netns name or a
         process inside). Rows in namespaces that cannot be entered are left alone.
+        Safe beside run()'s draining: the walk holds only its own lock, and rows are
+        merged in chunks so the ring buffer keeps being drained meanwhile.
         """
-        assert self._reader is not None, "start() first"
-        with self._io:
-            return self._reconcile(self._reader)
-
-    def _reconcile(self, reader: EventReader) -> int:
-        self._keep(self.poll_raw())
-        taken, rows = reader.snapshot()
-        walked = {self.netns}
-        for ino, path in self._other_namespaces().items():
-            try:
-                rows += reader.snapshot(path)[1]
-            except OSError:
-                continue  # the namespace went away between finding and entering it
-            walked.add(ino)
-        with self.lock:
-            seen = self.table.merge_snapshot(rows)
-        self._keep(self.poll_raw())  # closes during the walk win over rows read before them
-        with self.lock:
-            removed = self.table.remove_missing(seen, taken, walked)
+        reader = self._reader
+        assert reader is not None, "start() first"
+        with self._walk:
+            self.sync()
+            with self.lock:
+                self.table.begin_walk(time.monotonic_ns())
+            taken, rows = reader.snapshot()
+            walked = {self.netns}
+            for ino, path in self._other_namespaces().items():
+                try:
+                    rows += reader.snapshot(path)[1]
+                except OSError:
+                    continue  # the namespace went away between finding and entering it
+                walked.add(ino)
+            seen: set[int] = set()
+            for start in range(0, len(rows), MERGE_CHUNK):
+                with self.lock:
+                    seen |= self.table.merge_snapshot(rows[start : start + MERGE_CHUNK])
+            self.sync()  # closes during the walk win over rows read before them
+            with self.lock:
+                removed = self.table.remove_missing(seen, taken, walked)
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
-        """Hold batches drained outside run()'s loop so its consumers still see them."""
+        """Hold a drained batch for run()'s consumers (bounded: they may be absent)."""
         if batch[1]:
-            self._pending.append(batch)
+            with self.lock:
+                self._pending.append(batch)
+                for _blob, dropped in self._pending[:-MAX_PENDING]:
+                    # applied to the tables, but no consumer drained them in time
+                    self.table.counters["undelivered"] += len(dropped)
+                del self._pending[:-MAX_PENDING]
 
     def run(
         self,
@@ -160,37 +193,66 @@ class Monitor:
         on_events: Callable[[list[records.ConnEvent]], None] | None = None,
         poll_interval: float | Callable[[], float] = 0.1,
         reconcile_interval: float | Callable[[], float] = 5.0,
-        on_batch: Callable[[bytes, list[int]], None] | None = None,
+        on_batch: Callable[[bytes, Sequence[int]], None] | None = None,
     ) -> None:
         """Poll on a timer until ``stop`` is set (the kernel never wakes us).
 
-        ``on_events`` gets each batch decoded (for printing); ``on_batch`` gets it
-        raw (for keeping). Intervals may be callables so a config reload takes
-        effect at the next tick.
+        Reconciliation runs in its own thread so a long walk never delays the
+        draining that keeps the ring buffer from overflowing. ``on_events`` gets
+        each batch decoded (for printing); ``on_batch`` gets it raw (for keeping).
+        Intervals may be callables so a config reload takes effect at the next tick.
         """
         period = poll_interval if callable(poll_interval) else lambda: poll_interval
         every = reconcile_interval if callable(reconcile_interval) else lambda: reconcile_interval
-        next_reconcile = time.monotonic() + every()
-        while not stop.wait(period()):
+        failure: list[BaseException] = []
+
+        def reconciling() -> None:
+            try:
+                while not stop.wait(every()):
+                    self.reconcile()
+            except BaseException as exc:  # re-raised by run() in its own thread
+                failure.append(exc)
+                stop.set()
+
+        walker = threading.Thread(target=reconciling, name="reconcile", daemon=True)
+        walker.start()
+        reader = self._reader
+        assert reader is not None, "start() first"
+        try:
+            while not stop.is_set():
+                reader.wait(period())  # the timer, or a wake-up when the ring fills
+                self.flush(on_events, on_batch)
+        finally:
+            stop.set()
+            walker.join()
+        if failure:
+            raise failure[0]
+
+    def flush(
+        self,
+        on_events: Callable[[list[records.ConnEvent]], None] | None = None,
+        on_batch: Callable[[bytes, Sequence[int]], None] | None = None,
+    ) -> None:
+        """Drain now and hand every batch drained since the last flush to the consumers."""
+        self.sync()
+        with self.lock:
             batches, self._pending = self._pending, []
-            batches.append(self.poll_raw())
-            for blob, offsets in batches:
-                if offsets and on_batch:
-                    on_batch(blob, offsets)
-                if offsets and on_events:
-                    on_events(decode_batch(blob, offsets))
-            if time.monotonic() >= next_reconcile:
-                self.reconcile()
-                next_reconcile = time.monotonic() + every()
+        for blob, offsets in batches:
+            if on_batch:
+                on_batch(blob, offsets)
+            if on_events:
+                on_events(decode_batch(blob, offsets))
 
     # -- reading ------------------------------------------------------------------
-    def resolve_owners(self, fds: bool = True) -> int:
+    def resolve_owners(self, fds: bool = True, keys: set[int] | None = None) -> int:
         """Name, from /proc in one batch, the owners the kernel could only guess
-        and (with ``fds``) every fd not yet known. Works on the table's rows, so
-        nothing is decoded; each process is looked up once. Returns rows named."""
+        and (with ``fds``) every fd not yet known, for all rows or those in ``keys``.
+        Works on the table's rows, so nothing is decoded; each process is looked
+        up once. Returns how many rows were named."""
         with self.lock:
-            need = [(key, row.tgid, records.ino_of(row.raw))
-                    for key, row in self.table.live.items()
+            live = self.table.live
+            rows = live.items() if keys is None else ((k, live[k]) for k in keys if k in live)
+            need = [(key, row.tgid, records.ino_of(row.raw)) for key, row in rows
                     if row.owner_is_guess or (fds and row.fd < 0)]
         need = [n for n in need if n[2]]
         if not need:
@@ -213,13 +275,26 @@ class Monitor:
             named += 1
         return named
 
-    def connections(self, refresh: bool = True) -> list[Connection]:
-        """Live connections with current counters and resolved owners."""
+    def connections(self, refresh: bool = True,
+                    where: Callable[[int, str, int, int, int], bool] | None = None,
+                    ) -> list[Connection]:
+        """Live connections with current counters and resolved owners.
+
+        ``where(pid, comm, state, sport, dport)`` selects rows before anything is
+        decoded or looked up in /proc, so a narrow query stays cheap on a big table.
+        """
         if refresh:
             self.reconcile()
-        self.resolve_owners()
+        keys = None
+        if where is not None:
+            select = records.SELECT.unpack_from
+            with self.lock:
+                keys = {key for key, row in self.table.live.items()
+                        if where(row.tgid, row.comm_name, *select(row.raw))}
+        self.resolve_owners(keys=keys)
         with self.lock:
-            return self.table.snapshot()
+            rows = self.table.live
+            return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None
@@ -230,6 +305,8 @@ class Monitor:
             decode_errors=self._reader.decode_errors,
             table_full=self.table.counters["table_full"],
             totals_map_full=st[records.Stat.TOTALS_FULL],
+            recursion_misses=self.probes.recursion_misses(),
+            undelivered=self.table.counters["undelivered"],
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
         )

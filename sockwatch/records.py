@@ -60,6 +60,7 @@ class Stat(enum.IntEnum):
     UNTRACKED_CLOSE = 2
     SUPPRESSED_CLOSE = 3
     TOTALS_FULL = 4
+    LATE_CLOSE = 5
 
 
 class Total(enum.IntEnum):
@@ -230,6 +231,8 @@ def field_reader(*names: str) -> struct.Struct:
 # The hot fields: what the table needs to apply a record without decoding it.
 HOT = field_reader("ts_ns", "skaddr", "kind", "result", "state", "oldstate", "netns",
                    "sock.open_ns", "sock.tgid", "sock.fd", "sock.role", "sock.attrib")
+# What a filter needs of each live row.
+SELECT = field_reader("state", "sport", "dport")
 # What a scrape needs of each live row.
 LIVE = field_reader("state", "sock.role", "bytes_received", "bytes_sent", "bytes_retrans",
                     "total_retrans", "sport", "peer_fin")

@@ -102,11 +102,14 @@ class Row:
     def comm_bytes(self) -> bytes | str:
         return self.raw[_COMM] if self.comm is None else self.comm
 
+    @property
+    def comm_name(self) -> str:
+        comm = self.comm_bytes
+        return comm if isinstance(comm, str) else records.decode_comm(comm)
+
     def connection(self) -> Connection:
         ev = records.decode(self.raw)
-        comm = self.comm_bytes
-        comm = comm if isinstance(comm, str) else records.decode_comm(comm)
-        return Connection(ev, self.tgid, comm, self.fd, self.alive_since_ns, self.seen_by,
+        return Connection(ev, self.tgid, self.comm_name, self.fd, self.alive_since_ns, self.seen_by,
                           self.closed_ns, self.reconciled)
 
 
@@ -118,6 +121,10 @@ class ConnTable:
         self.closed: collections.deque[Row] = collections.deque(maxlen=closed_capacity)
         self.max_live = max_live
         self.counters: collections.Counter[str] = collections.Counter()
+        # While a kernel walk is under way: close time of every socket that closed,
+        # so a row the walk read before the close cannot bring it back.
+        self._walk_since: int | None = None
+        self._closed_during_walk: dict[int, int] = {}
         # (role, result) numbers of every connection that ended; see ended_by_name()
         self.ended: collections.Counter[tuple[int, int]] = collections.Counter()
 
@@ -147,6 +154,8 @@ class ConnTable:
         ts, skaddr, kind, _res, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
         row = self.live.get(skaddr)
         if row is None:
+            if kind == _SNAPSHOT and self._closed_during_walk.get(skaddr, -1) >= ts:
+                return  # read by the walk just before it closed: not alive any more
             if len(self.live) >= self.max_live:
                 self.counters["table_full"] += 1
                 return
@@ -202,8 +211,15 @@ class ConnTable:
         row.closed_ns = ts
         self.closed.append(row)
         self.ended[(role, result)] += 1
+        if self._walk_since is not None:
+            self._closed_during_walk[skaddr] = ts
 
     # -- reconciliation ----------------------------------------------------------
+    def begin_walk(self, now_ns: int) -> None:
+        """A kernel walk starts: remember closes until remove_missing() ends it."""
+        self._walk_since = now_ns
+        self._closed_during_walk.clear()
+
     def merge_snapshot(self, rows: Iterable[bytes]) -> set[int]:
         """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
         seen = set()
@@ -224,6 +240,8 @@ class ConnTable:
         ]
         for key, row in gone:
             self._retire(key, row, snapshot_ns, "reconciled_removed")
+        self._walk_since = None
+        self._closed_during_walk.clear()
         return len(gone)
 
     def _retire(self, key: int, row: Row, when_ns: int, counter: str) -> None:

@@ -12,7 +12,7 @@ import collections
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
@@ -60,6 +60,45 @@ class EventLog:
         return last, [fields.event_dict(ev) for ev in events]
 
 
+class SharedRender:
+    """One render at a time, shared by every request that arrives while it runs.
+
+    A scrape costs time proportional to the table; without this, N concurrent
+    scrapers wait N renders. Requests that arrive during a render get its result
+    (no older than their arrival plus one render); nothing is cached beyond that.
+    """
+
+    def __init__(self, render: Callable[[], bytes]):
+        self._render = render
+        self._cond = threading.Condition()
+        self._busy = False
+        self._generation = 0
+        self._result = b""
+        self._error: Exception | None = None
+
+    def get(self) -> bytes:
+        with self._cond:
+            if self._busy:
+                seen = self._generation
+                self._cond.wait_for(lambda: self._generation != seen)
+                if self._error is not None:
+                    raise self._error
+                return self._result
+            self._busy = True
+        body, error = b"", None
+        try:
+            body = self._render()
+            return body
+        except Exception as exc:  # the waiters fail the same way (500), not with b""
+            error = exc
+            raise
+        finally:
+            with self._cond:
+                self._result, self._error, self._busy = body, error, False
+                self._generation += 1
+                self._cond.notify_all()
+
+
 class BadQuery(ValueError):
     pass
 
@@ -95,12 +134,16 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
                  healthy: threading.Event) -> dict[str, Handler]:
     """All routes, closed over the monitor they read."""
 
+    renders = {
+        "openmetrics": SharedRender(lambda: openmetrics_format.generate_latest(registry)),
+        "text": SharedRender(lambda: text_format.generate_latest(registry)),
+    }
+
     def metrics(req: Request) -> Response:
         if "application/openmetrics-text" in req.headers.get("accept", ""):
-            return Response(200, openmetrics_format.generate_latest(registry),
+            return Response(200, renders["openmetrics"].get(),
                             openmetrics_format.CONTENT_TYPE_LATEST)
-        return Response(200, text_format.generate_latest(registry),
-                        text_format.CONTENT_TYPE_LATEST)
+        return Response(200, renders["text"].get(), text_format.CONTENT_TYPE_LATEST)
 
     def healthz(req: Request) -> Response:
         if healthy.is_set() and monitor.probes is not None:
@@ -116,29 +159,34 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             with monitor.lock:
                 conns = monitor.table.recently_closed()
         else:
-            conns = monitor.connections(refresh=False)
+            monitor.sync()
+            conns = monitor.connections(refresh=False, where=flt.row_matches)
         now = time.monotonic_ns()
         rows = [fields.connection_dict(c, now) for c in conns if flt.matches(c.ev, c.tgid, c.comm)]
         return _json(rows)
 
     def processes(req: Request) -> Response:
-        conns = monitor.connections(refresh=False)
+        monitor.sync()
+        monitor.resolve_owners(fds=False)
         by_pid: dict[int, dict[str, Any]] = {}
-        for c in conns:
-            if not c.tgid:
-                continue
-            row = by_pid.setdefault(c.tgid, {"pid": c.tgid, "process": c.comm, "states": {},
-                                             "bytes_sent": 0, "bytes_received": 0,
-                                             "retransmits": 0})
-            state = fields.state_name(c.ev.state)
-            row["states"][state] = row["states"].get(state, 0) + 1
-            row["bytes_sent"] += c.ev.payload_sent
-            row["bytes_received"] += c.ev.payload_received
-            row["retransmits"] += c.ev.total_retrans
-        for pid, row in by_pid.items():
+        live_unpack = records.LIVE.unpack_from
+        with monitor.lock:
+            for row in monitor.table.live.values():
+                if not row.tgid:
+                    continue
+                state, _role, b_recv, b_sent, b_retr, retrans, _sport, fin = live_unpack(row.raw)
+                summary = by_pid.setdefault(row.tgid, {
+                    "pid": row.tgid, "process": row.comm_name, "states": {},
+                    "bytes_sent": 0, "bytes_received": 0, "retransmits": 0})
+                name = fields.state_name(state)
+                summary["states"][name] = summary["states"].get(name, 0) + 1
+                summary["bytes_sent"] += b_sent - b_retr
+                summary["bytes_received"] += max(0, b_recv - fin)
+                summary["retransmits"] += retrans
+        for pid, summary in by_pid.items():
             info = monitor.processes.lookup(pid)
             if info:
-                row.update(user=info.user, cmdline=list(info.cmdline), cgroup=info.cgroup)
+                summary.update(user=info.user, cmdline=list(info.cmdline), cgroup=info.cgroup)
         return _json(sorted(by_pid.values(), key=lambda r: r["pid"]))
 
     def probes(req: Request) -> Response:

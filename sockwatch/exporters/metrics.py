@@ -42,9 +42,18 @@ class SockwatchCollector(Collector):
         self.processes = LabelCap(top_processes)
         self.ports = LabelCap(top_ports)
         self.start_time = time.time()
+        self._reported: dict[tuple[str, str], int] = {}  # bounded by the label caps
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # registration must not trigger a scrape
+
+    def _monotonic(self, name: str, proc: str, value: int) -> int:
+        """Never report less than before: live bytes are refreshed periodically and a
+        close can land between reading the kernel's totals and the table."""
+        key = (name, proc)
+        value = max(value, self._reported.get(key, 0))
+        self._reported[key] = value
+        return value
 
     def _process(self, comm: bytes | str) -> str:
         name = comm if isinstance(comm, str) else records.decode_comm(comm)
@@ -56,9 +65,13 @@ class SockwatchCollector(Collector):
         probes = mon.probes
         if probes is None:
             return
+        # Totals first, then drain: a connection the kernel has already added to its
+        # totals must leave the live table before live bytes are summed, or it would
+        # count twice. Counters are also clamped (below) so nothing can go backwards.
+        totals = probes.totals()
+        mon.sync()
         kernel_stats = probes.stats()
         transitions = probes.transitions()
-        totals = probes.totals()
         hists = probes.histograms()
         loss = mon.loss()
 
@@ -138,7 +151,7 @@ class SockwatchCollector(Collector):
         ):
             m = CounterMetricFamily(P + name, doc, labels=["process"])
             for proc, n in sorted(values.items()):
-                m.add_metric([proc], n)
+                m.add_metric([proc], self._monotonic(name, proc, n))
             yield m
         for name, doc, family in (
             ("handshake_seconds", "Handshake time: SYN_SENT->ESTABLISHED (client), "
@@ -163,6 +176,8 @@ class SockwatchCollector(Collector):
         m.add_metric(["totals_map_full"], loss.totals_map_full)
         m.add_metric(["decode"], loss.decode_errors)
         m.add_metric(["table_full"], loss.table_full)
+        m.add_metric(["recursion"], loss.recursion_misses)
+        m.add_metric(["undelivered"], loss.undelivered)
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
                                   value=loss.decode_errors + counters.get("malformed", 0))

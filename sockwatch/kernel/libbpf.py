@@ -48,6 +48,30 @@ class _BtfVarSecinfo(_c.Structure):
     _fields_ = [("type", _c.c_uint32), ("offset", _c.c_uint32), ("size", _c.c_uint32)]
 
 
+class _BpfProgInfo(_c.Structure):
+    """struct bpf_prog_info (uapi, append-only) up to the fields sockwatch reads."""
+
+    _fields_ = [
+        ("type", _c.c_uint32), ("id", _c.c_uint32), ("tag", _c.c_uint8 * 8),
+        ("jited_prog_len", _c.c_uint32), ("xlated_prog_len", _c.c_uint32),
+        ("jited_prog_insns", _c.c_uint64), ("xlated_prog_insns", _c.c_uint64),
+        ("load_time", _c.c_uint64), ("created_by_uid", _c.c_uint32),
+        ("nr_map_ids", _c.c_uint32), ("map_ids", _c.c_uint64), ("name", _c.c_char * 16),
+        ("ifindex", _c.c_uint32), ("gpl_compatible", _c.c_uint32, 1),
+        ("netns_dev", _c.c_uint64), ("netns_ino", _c.c_uint64),
+        ("nr_jited_ksyms", _c.c_uint32), ("nr_jited_func_lens", _c.c_uint32),
+        ("jited_ksyms", _c.c_uint64), ("jited_func_lens", _c.c_uint64),
+        ("btf_id", _c.c_uint32), ("func_info_rec_size", _c.c_uint32),
+        ("func_info", _c.c_uint64), ("nr_func_info", _c.c_uint32),
+        ("nr_line_info", _c.c_uint32), ("line_info", _c.c_uint64),
+        ("jited_line_info", _c.c_uint64), ("nr_jited_line_info", _c.c_uint32),
+        ("line_info_rec_size", _c.c_uint32), ("jited_line_info_rec_size", _c.c_uint32),
+        ("nr_prog_tags", _c.c_uint32), ("prog_tags", _c.c_uint64),
+        ("run_time_ns", _c.c_uint64), ("run_cnt", _c.c_uint64),
+        ("recursion_misses", _c.c_uint64),
+    ]
+
+
 _PRINT_FN = _c.CFUNCTYPE(_c.c_int, _c.c_int, _c.c_char_p, _vp)
 
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
@@ -78,6 +102,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "btf__name_by_offset": (_c.c_char_p, [_vp, _c.c_uint32]),
     "btf__resolve_size": (_c.c_int64, [_vp, _c.c_uint32]),
     "bpf_map_get_next_key": (_c.c_int, [_c.c_int, _vp, _vp]),
+    "bpf_program__fd": (_c.c_int, [_vp]),
+    "bpf_obj_get_info_by_fd": (_c.c_int, [_c.c_int, _vp, _c.POINTER(_c.c_uint32)]),
 }
 
 
@@ -292,6 +318,16 @@ class BpfObject:
                 f"cannot attach {program}: {os.strerror(err)}", err, L.take_log()
             )
         return Link(ptr, program)
+
+    def recursion_misses(self, program: str) -> int:
+        """Runs the kernel skipped because the program was already running on that CPU
+        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
+        info = _BpfProgInfo()
+        size = _c.c_uint32(_c.sizeof(info))
+        fd = lib().so.bpf_program__fd(self._program(program))
+        if fd < 0 or lib().so.bpf_obj_get_info_by_fd(fd, _c.byref(info), _c.byref(size)):
+            return 0
+        return info.recursion_misses
 
     def map_fd(self, name: str) -> int:
         return lib().so.bpf_map__fd(self._map(name))

@@ -44,6 +44,7 @@ _TP_PROGRAMS = {
     "state": {"tp_btf": "set_state_btf", "raw_tp": "set_state_raw", "tracepoint": "set_state_tp"},
     "send": {"tp_btf": "send_btf", "raw_tp": "send_raw", "tracepoint": "send_tp"},
     "recv": {"tp_btf": "recv_btf", "raw_tp": "recv_raw", "tracepoint": "recv_tp"},
+    "destroy": {"tp_btf": "destroy_btf", "raw_tp": "destroy_raw", "tracepoint": "destroy_tp"},
     "sys_exit": {
         "tp_btf": "accept_sys_btf",
         "raw_tp": "accept_sys_raw",
@@ -130,6 +131,8 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
     fn = _pick_function_flavour(feats, cfg.attach_mode)
     plan = Plan(tracepoint_flavour=tp, function_flavour=fn)
     plan.hooks.append(HookChoice("state", tp, (_TP_PROGRAMS["state"][tp],)))
+    plan.hooks.append(HookChoice("destroy", tp, (_TP_PROGRAMS["destroy"][tp],),
+                                 "closes whose transition was missed, announced late"))
     if fn:
         plan.hooks.append(HookChoice("connect", fn, (_FUNCTION_PROGRAMS["connect"][fn],)))
         plan.hooks.append(HookChoice("accept", fn, (_FUNCTION_PROGRAMS["accept"][fn],)))
@@ -203,6 +206,11 @@ class Probes:
         values = read_percpu_u64_array(self._transitions_fd, n * n)
         return {(i // n, i % n): v for i, v in enumerate(values) if v}
 
+    def recursion_misses(self) -> int:
+        """Program runs the kernel skipped on nesting, over every attached program."""
+        assert self._obj is not None
+        return sum(self._obj.recursion_misses(link.program) for link in self._links)
+
     def totals(self) -> dict[records.TotalKey, int]:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
         raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)
@@ -266,6 +274,8 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
         obj.set_max_entries("socks", cfg.socks_max_entries)
         obj.set_max_entries("events", cfg.ringbuf_bytes)
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
+        # wake the reader early once a quarter of the ring is in use
+        obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
         try:
             obj.load()
         except LibbpfError as exc:

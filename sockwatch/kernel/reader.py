@@ -23,6 +23,12 @@ class EventReader:
         self.records_read += len(offsets) + bad
         return blob, offsets
 
+    def wait(self, timeout_s: float) -> None:
+        self._probes.ring.wait(timeout_s)
+
+    def backlog(self) -> int:
+        return self._probes.ring.backlog()
+
     def snapshot(self, netns_path: str | None = None) -> tuple[int, list[bytes]]:
         """(CLOCK_MONOTONIC ns taken just before the walk, one raw row per live socket)
         for our network namespace or the one at ``netns_path``."""

@@ -15,6 +15,7 @@ ends the batch.
 from __future__ import annotations
 
 import mmap
+import select
 import struct
 from typing import Sequence
 
@@ -38,6 +39,18 @@ class RingReader:
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
+        self._poll = select.poll()
+        self._poll.register(map_fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until the timeout, or until the kernel forces a wake-up because the
+        ring is filling (records are otherwise submitted without one). Call after a
+        full drain: the fd is readable while any data is left."""
+        self._poll.poll(int(timeout_s * 1000))
+
+    def backlog(self) -> int:
+        """Bytes submitted but not yet consumed (including records still being written)."""
+        return _U64.unpack_from(self._producer, 0)[0] - _U64.unpack_from(self._consumer, 0)[0]
 
     def drain(self) -> tuple[bytes, Sequence[int], int]:
         """(blob, offsets of whole records in it, records of the wrong size skipped)."""

@@ -25,3 +25,13 @@ class Filter:
         if self.state and state_name(ev.state) != self.state:
             return False
         return True
+
+    def row_matches(self, pid: int, comm: str, state: int, sport: int, dport: int) -> bool:
+        """The same test on a table row's cheap fields, before anything is decoded."""
+        if self.pids and pid not in self.pids:
+            return False
+        if self.comm and self.comm.lower() not in comm.lower():
+            return False
+        if self.port is not None and self.port not in (sport, dport):
+            return False
+        return not self.state or state_name(state) == self.state

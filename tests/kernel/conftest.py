@@ -49,7 +49,8 @@ def bpf_fds() -> list[str]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except FileNotFoundError:
             continue  # the fd listdir itself used
-        if target.startswith("anon_inode:bpf-"):
+        # bpf-prog, bpf-map, bpf_link, btf: every kind of BPF object an fd can hold
+        if target.startswith(("anon_inode:bpf", "anon_inode:btf")):
             held.append(f"{fd}->{target}")
     return held
 

@@ -246,3 +246,20 @@ def test_new_incarnation_at_reused_address_replaces_stale_row():
     assert conn.tgid == 20
     assert conn.fd == -1
     assert conn.alive_since_ns == 90_000
+
+
+def test_walk_row_read_before_a_close_does_not_resurrect_it():
+    """Reconciliation merges rows while closes keep arriving: a row the walk read
+    just before its socket closed must not bring the closed connection back."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=1_000))
+    tbl.begin_walk(4_000)
+    row_read_at = 4_500  # the walk visited the socket ...
+    tbl.apply(closed(skaddr=A, t=4_600))  # ... then it closed, before the merge
+    seen = tbl.merge_snapshot([snap(skaddr=A, t=row_read_at, state_ns={SYN_SENT: 1_000})])
+    assert A not in tbl.live
+    tbl.remove_missing(seen, 4_000, {NETNS})
+    assert A not in tbl.live and tbl.counters["reconciled_removed"] == 0
+    # outside a walk the memory is gone: a later socket at the address is welcome
+    tbl.merge_snapshot([snap(skaddr=A, t=9_000, state_ns={SYN_SENT: 8_000})])
+    assert A in tbl.live
