@@ -31,6 +31,15 @@ from sockwatch.totals import LabelCap, cumulative_buckets
 P = "sockwatch_"
 
 
+def _family(kind: type, name: str, doc: str, labels: list[str],
+            values: dict[tuple[str, ...], float]) -> Metric:
+    """One labelled family, its series in a stable order."""
+    m = kind(P + name, doc, labels=labels)
+    for key, n in sorted(values.items()):
+        m.add_metric(list(key), n)
+    return m
+
+
 class SockwatchCollector(Collector):
     """Yields every sockwatch metric from one consistent read of the monitor."""
 
@@ -114,36 +123,20 @@ class SockwatchCollector(Collector):
                                                             table.live.values())]
                         if self.per_connection else [])
 
-        m = CounterMetricFamily(P + "connects", "Outgoing connection attempts by result.",
-                                labels=["process", "result"])
-        for (proc, result), n in sorted(connects.items()):
-            m.add_metric([proc, result], n)
-        yield m
-        m = CounterMetricFamily(P + "accepts", "Connections accepted, by listening port.",
-                                labels=["process", "port"])
-        for (proc, port), n in sorted(accepts.items()):
-            m.add_metric([proc, port], n)
-        yield m
-        m = CounterMetricFamily(P + "connections_closed", "Connections ended, by role and result.",
-                                labels=["role", "result"])
-        for (role, result), n in sorted(ended.items()):
-            m.add_metric([role.name.lower(), result.name.lower()], n)
-        yield m
-        m = CounterMetricFamily(P + "state_transitions", "TCP state transitions seen in the kernel.",
-                                labels=["from", "to"])
-        for (old, new), n in sorted(transitions.items()):
-            m.add_metric([state_name(old), state_name(new)], n)
-        yield m
-        m = GaugeMetricFamily(P + "connections", "Live TCP sockets by state and process.",
-                              labels=["state", "process"])
-        for (state, proc), n in sorted(by_state.items()):
-            m.add_metric([state, proc], n)
-        yield m
-        m = GaugeMetricFamily(P + "listening_sockets", "Listening sockets by port and process.",
-                              labels=["port", "process"])
-        for (port, proc), n in sorted(listeners.items()):
-            m.add_metric([port, proc], n)
-        yield m
+        yield _family(CounterMetricFamily, "connects", "Outgoing connection attempts by result.",
+                      ["process", "result"], connects)
+        yield _family(CounterMetricFamily, "accepts", "Connections accepted, by listening port.",
+                      ["process", "port"], accepts)
+        yield _family(CounterMetricFamily, "connections_closed",
+                      "Connections ended, by role and result.", ["role", "result"],
+                      {(r.name.lower(), x.name.lower()): n for (r, x), n in ended.items()})
+        yield _family(CounterMetricFamily, "state_transitions",
+                      "TCP state transitions seen in the kernel.", ["from", "to"],
+                      {(state_name(o), state_name(n)): v for (o, n), v in transitions.items()})
+        yield _family(GaugeMetricFamily, "connections", "Live TCP sockets by state and process.",
+                      ["state", "process"], by_state)
+        yield _family(GaugeMetricFamily, "listening_sockets",
+                      "Listening sockets by port and process.", ["port", "process"], listeners)
         for name, doc, values in (
             ("sent_bytes", "Application payload sent (retransmissions counted once).", sent),
             ("received_bytes", "Application payload received.", received),
