@@ -302,8 +302,14 @@ def programs_of(pid: int) -> set[int]:
     return ids
 
 
-def assert_programs_gone(ids: set[int]) -> None:
-    left = ids & set(loaded_programs())
+def assert_programs_gone(ids: set[int], within_s: float = 5.0) -> None:
+    """The kernel frees a dead process's programs asynchronously (up to ~1 s here)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = ids & set(loaded_programs())
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert not left, f"BPF programs still loaded after the daemon exited: {sorted(left)}"
 
 
