@@ -9,7 +9,6 @@ toolkit's web config (tls_server_config, basic_auth_users with bcrypt hashes).
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -194,9 +193,3 @@ def _toml_value(v: Any) -> str:
         return f'"{v}"'
     return repr(v)
 
-
-def replace(cfg: Config, section: str, **changes: Any) -> Config:
-    """A copy with some keys of one section changed, validated again."""
-    data = {s: dict(v) for s, v in cfg.values.items()}
-    data[section].update(changes)
-    return dataclasses.replace(build(data, cfg.source))

@@ -16,7 +16,6 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 from sockwatch.errors import SockwatchError
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import psutil

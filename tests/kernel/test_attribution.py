@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel import daemon_util as du
 from sockwatch.errors import SockwatchError
 from sockwatch.kernel import features
 from sockwatch.kernel.loader import LoaderConfig, default_objects_dir
@@ -93,12 +94,7 @@ def poll_until(mon: Monitor, done, timeout: float, sink: list) -> bool:
         time.sleep(0.02)
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("SOCKWATCH_BPF_DIR", str(default_objects_dir()))
-    env.update(extra)
-    return env
+cli_env = du.daemon_env  # the checkout, its BPF objects, plain log lines
 
 
 def kernel_features(mount: bool = False) -> features.KernelFeatures:

@@ -39,6 +39,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.kernel import daemon_util as du
 from sockwatch.kernel.loader import default_objects_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,20 +287,7 @@ def programs_of(pid: int) -> set[int]:
     built with skeletons, and always the prog_id of its program and link fds."""
     ids = {i for i, p in loaded_programs().items()
            if any(o.get("pid") == pid for o in p.get("pids", []))}
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
-        return ids
-    for fd in fds:
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(("anon_inode:bpf-prog",
-                                                                   "anon_inode:bpf_link")):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                ids.update(int(m) for m in re.findall(r"^prog_id:\s*(\d+)", f.read(), re.M))
-        except OSError:
-            continue
-    return ids
+    return ids | du.prog_ids_held_by(pid)
 
 
 def assert_programs_gone(ids: set[int], within_s: float = 5.0) -> None:

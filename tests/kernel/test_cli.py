@@ -20,19 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from sockwatch.kernel.loader import default_objects_dir
+from tests.kernel import daemon_util as du
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACEPOINT_FLAVOURS = ("tp_btf", "raw_tp", "tracepoint")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("SOCKWATCH_BPF_DIR", str(default_objects_dir()))
-    env.update(extra)
-    return env
+cli_env = du.daemon_env  # the checkout, its BPF objects, plain log lines
 
 
 def sockwatch(*args: str, env: dict | None = None, prefix: list[str] | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from recfactory import NETNS, event, raw
+from recfactory import NETNS, raw
 from sockwatch import records
 from sockwatch.records import Attrib, Kind, Result, Role
 from sockwatch.tables import ConnTable
