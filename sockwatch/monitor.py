@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sockwatch import records
+from sockwatch import records, totals
 from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
@@ -23,6 +23,13 @@ from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
+# The connection-level histograms /api/latency reports (no direction, no interface).
+CONNECTION_LAYERS = (
+    ("handshake_client", records.Hist.HANDSHAKE_CLIENT),
+    ("handshake_server", records.Hist.HANDSHAKE_SERVER),
+    ("lifetime_client", records.Hist.LIFETIME_CLIENT),
+    ("lifetime_server", records.Hist.LIFETIME_SERVER),
+)
 MERGE_CHUNK = 2048  # snapshot rows applied per hold of the table lock
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
@@ -310,3 +317,26 @@ class Monitor:
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
         )
+
+    def latency(self) -> dict:
+        """The kernel's latency histograms in the shape of ``GET /api/latency``.
+
+        Connection-level layers only: the per-packet stack layers and the
+        interface counters come with the stack probes.
+        """
+        assert self.probes is not None, "start() first"
+        hists = self.probes.histograms()
+        return {"enabled": False,
+                "layers": [layer_dict("", name, "", hists[h]) for name, h in CONNECTION_LAYERS],
+                "interfaces": []}
+
+
+def layer_dict(direction: str, layer: str, interface: str, slots: list[int]) -> dict:
+    """One histogram as /api/latency gives it: finite ``le`` buckets (the count
+    covers the overflow slot too), sum and log2-bound quantiles."""
+    buckets, sum_s = totals.cumulative_buckets(slots)
+    return {"direction": direction, "layer": layer, "interface": interface,
+            "count": buckets[-1][1], "sum_seconds": sum_s,
+            "buckets": [[float(le), n] for le, n in buckets[:-1]],
+            "p50_seconds": totals.quantile_seconds(slots, 0.5),
+            "p99_seconds": totals.quantile_seconds(slots, 0.99)}
