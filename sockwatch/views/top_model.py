@@ -244,8 +244,9 @@ class TopModel:
             pid = d["pid"] or 0
             row = proc(pid, d["process"])
             row.states[d["state"]] += 1
-            if d["role"] == "listener":
+            if d["role"] == "listener":  # one of its fds too, without byte rates
                 listeners.append(ListenerRow(pid, row.process, d))
+                row.connections.append(ConnRow(d))
                 continue
             dtx, drx, _ = account(d, d.get("age_s"))
             rates = (dtx / window, drx / window) if window else (None, None)
