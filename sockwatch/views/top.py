@@ -286,6 +286,10 @@ def interactive(sampler: Sampler, state: screen.UIState) -> None:
         App(scr, sampler, state, color).loop()
 
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after a second
+    # The terminal's own size: ncurses prefers LINES/COLUMNS when set (a parent
+    # shell or test runner may have left them), and they would pin it across resizes.
+    os.environ.pop("LINES", None)
+    os.environ.pop("COLUMNS", None)
     sampler.start()
     try:
         curses.wrapper(main)  # restores the terminal on any exit, Ctrl-C included

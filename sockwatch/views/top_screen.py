@@ -8,6 +8,7 @@ the same ``value`` the cell shows, so "sort by any column" needs no extra code.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -308,15 +309,18 @@ HELP = [
 
 def _table(cols: Sequence[Column], items: list[Any], state: UIState, width: int,
            height: int, selectable: bool) -> list[Line]:
-    placed = fit(cols, width)
     title, desc = state.sort[state.view]
+    # the sorted column gets room for its order mark, right before its title
+    placed = fit([dataclasses.replace(c, width=max(c.width, len(c.title) + 1))
+                  if c.title == title else c for c in cols], width)
+    mark = "v" if desc else "^"
     head: Line = []
     for i, (c, w) in enumerate(placed):
-        name = c.title
-        if c.title == title and w >= len(name) + 2:
-            name += " v" if desc else " ^"
-        head.append((_cell(name, w, c.left) + (" " if i < len(placed) - 1 else ""),
-                     "sort" if c.title == title else "head"))
+        sep = " " if i < len(placed) - 1 else ""
+        if c.title == title:
+            head.append((_cell(mark + c.title, w, c.left) + sep, "sort"))
+        else:
+            head.append((_cell(c.title, w, c.left) + sep, "head"))
     out: list[Line] = [head]
     body = max(0, height - 1)
     sel = min(state.selected.get(state.view, 0), max(0, len(items) - 1))
@@ -377,7 +381,8 @@ def _view_bar(frame: Frame | None, state: UIState, n: int) -> Line:
             proc = next((p for p in frame.processes if p.pid == state.pid), None)
             name = f"{state.pid} {proc.process}" if proc else f"{state.pid} (gone)"
         tabs.append(f"[{i}:{name}]" if VIEWS[i - 1] == state.view else f"{i}:{name}")
-    bar = " ".join(tabs) + f"  {n} rows"
+    title, desc = state.sort[state.view]
+    bar = " ".join(tabs) + f"  {n} rows  sort {title} {'v' if desc else '^'}"
     if state.filter or state.editing:
         bar += f"  filter: {state.filter}" + ("_" if state.editing else "")
     if state.message:
