@@ -203,7 +203,6 @@ class TopModel:
             pid = d["pid"] or 0
             sent, recv, retr = d["bytes_sent"], d["bytes_received"], d["retransmits"]
             before = seen.get(key)
-            hs = handshake_s(d)
             counted = before[3] if before else False
             if window is None:
                 dtx = drx = 0
@@ -217,7 +216,8 @@ class TopModel:
                 dtx = drx = 0  # predates the window but was not seen: no rate for it
             deltas[pid][0] += dtx
             deltas[pid][1] += drx
-            if hs is not None and not counted:
+            hs = None if counted else handshake_s(d)
+            if hs is not None:
                 counted = True
                 if window is not None and (before is not None or
                                            (lifetime is not None and lifetime <= window)):
