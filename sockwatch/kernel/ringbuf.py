@@ -43,6 +43,7 @@ class RingReader:
         self._size = size
         self._producer = mmap.mmap(map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
+        self._fd = map_fd
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
 
@@ -102,6 +103,40 @@ class RingReader:
                 return i
         return n
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         self._consumer.close()
         self._producer.close()
+
+
+class RingPair:
+    """The main ring and the rescue ring (``events_rescue`` in lifecycle.bpf.c),
+    read as one: a batch is the main ring's records, then the rescued ones."""
+
+    def __init__(self, main: RingReader, rescue: RingReader):
+        self.main, self.rescue = main, rescue
+        self._poll = select.poll()
+        for ring in (main, rescue):
+            self._poll.register(ring.fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until the timeout or until either ring forces a wake-up."""
+        self._poll.poll(int(timeout_s * 1000))
+
+    def backlog(self) -> int:
+        return self.main.backlog() + self.rescue.backlog()
+
+    def drain(self) -> tuple[bytes, Sequence[int], int]:
+        blob, offsets, bad = self.main.drain()
+        more, more_offsets, more_bad = self.rescue.drain()
+        if not more:
+            return blob, offsets, bad
+        shift = len(blob)
+        return blob + more, [*offsets, *(o + shift for o in more_offsets)], bad + more_bad
+
+    def close(self) -> None:
+        self.main.close()
+        self.rescue.close()
