@@ -114,7 +114,7 @@ class RingReader:
 
 class RingPair:
     """The main ring and the rescue ring (``events_rescue`` in lifecycle.bpf.c),
-    read as one: a batch is the main ring's records, then the rescued ones."""
+    read as one batch in time order. Every record starts with its u64 timestamp."""
 
     def __init__(self, main: RingReader, rescue: RingReader):
         self.main, self.rescue = main, rescue
@@ -134,8 +134,13 @@ class RingPair:
         more, more_offsets, more_bad = self.rescue.drain()
         if not more:
             return blob, offsets, bad
-        shift = len(blob)
-        return blob + more, [*offsets, *(o + shift for o in more_offsets)], bad + more_bad
+        # Rare (a few per ten thousand records under load): put the rescued records
+        # back in time order, or a rescued OPEN would land after its own CLOSE.
+        blob, shift = blob + more, len(blob)
+        ts_at = _U64.unpack_from
+        merged = sorted([*offsets, *(o + shift for o in more_offsets)],
+                        key=lambda off: ts_at(blob, off)[0])
+        return blob, merged, bad + more_bad
 
     def close(self) -> None:
         self.main.close()
