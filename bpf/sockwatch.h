@@ -51,9 +51,8 @@ enum sw_attrib {
 /* Counters of everything the kernel side could not deliver or keep. */
 enum sw_stat {
 	/*
-	 * Record lost: ring buffer reservation failed. Full, or (kernels with the
-	 * resilient ring buffer lock, 6.15+) nested on a CPU whose reservation
-	 * was interrupted by a softirq that emits too.
+	 * Record lost: reservation failed in both ring buffers. Full, or (kernels
+	 * with the resilient ring buffer lock, 6.15+) the lock timed out.
 	 */
 	SW_STAT_RINGBUF_FULL = 0,
 	SW_STAT_SOCKS_FULL = 1,		/* socket not tracked: socks map update failed */
@@ -61,7 +60,8 @@ enum sw_stat {
 	SW_STAT_SUPPRESSED_CLOSE = 3,	/* close record dropped on purpose (test switch) */
 	SW_STAT_TOTALS_FULL = 4,	/* a total not counted: totals map full */
 	SW_STAT_LATE_CLOSE = 5,		/* close seen only at destroy: the transition was missed */
-	SW_STAT_MAX = 6,
+	SW_STAT_RESCUED = 6,		/* record saved by the rescue ring (not a loss) */
+	SW_STAT_MAX = 7,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */

@@ -61,6 +61,7 @@ class Stat(enum.IntEnum):
     SUPPRESSED_CLOSE = 3
     TOTALS_FULL = 4
     LATE_CLOSE = 5
+    RESCUED = 6  # saved by the rescue ring: not a loss
 
 
 class Total(enum.IntEnum):
