@@ -413,7 +413,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
             _stop_on_signals(stop)
             print(f"sockwatch: sampling for {args.interval:g} s (Ctrl-C prints early) ...",
                   file=sys.stderr, flush=True)
-            stop.wait(args.interval)
+            end = time.monotonic() + args.interval
+            while (left := end - time.monotonic()) > 0 and not stop.wait(min(left, 1.0)):
+                mon.name_interfaces()  # an interface may be gone by the end of the sample
             report = mon.latency()
     latency_view.render(latency_view.select(report, args.interface), sys.stdout, args.json)
     return 0

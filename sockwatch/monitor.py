@@ -177,6 +177,7 @@ class Monitor:
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
+        self.name_interfaces()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
@@ -297,6 +298,13 @@ class Monitor:
         with self.lock:
             rows = self.table.live
             return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
+
+    def name_interfaces(self) -> None:
+        """Learn the names of the interfaces that carried traffic, while they still exist:
+        one that is gone by the time a view asks keeps the name read here."""
+        probes = self.probes
+        if probes is not None and probes.stack_enabled:
+            self.interfaces.resolve(probes.interface_totals())
 
     def latency(self) -> dict:
         """The per-layer latency report (the shape of /api/latency, see latency.report).
