@@ -407,6 +407,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if args.url:
         report = DaemonClient(args.url).get("/api/latency")
     else:
+        if args.interface and args.no_stack_latency:
+            raise UsageError("latency: --interface needs the per-interface stack probes, "
+                             "which --no-stack-latency leaves out")
         _check_interface_exists(args.interface)
         stop = threading.Event()
         with Monitor(_loader_config(args)) as mon:

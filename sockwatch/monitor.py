@@ -306,17 +306,24 @@ class Monitor:
         if probes is not None and probes.stack_enabled:
             self.interfaces.resolve(probes.interface_totals())
 
-    def latency(self) -> dict:
-        """The per-layer latency report (the shape of /api/latency, see latency.report).
-
-        Histograms are read straight from the kernel's maps: nothing to drain first.
-        """
+    def stack_maps(self) -> tuple[dict[latency.StackKey, list[int]],
+                                  dict[latency.IfKey, tuple[int, int, int, int, int]],
+                                  dict[latency.IfKey, tuple[str, str]]]:
+        """The per-interface histograms, the interface totals, and (label, driver) for
+        every interface in them; all empty when the stack programs are off. Read
+        straight from the kernel's maps: nothing to drain first."""
         probes = self.probes
         assert probes is not None, "start() first"
-        stack = probes.stack_histograms() if probes.stack_enabled else {}
-        totals = probes.interface_totals() if probes.stack_enabled else {}
-        names = self.interfaces.resolve(latency.interface_keys(stack, totals))
-        return latency.report(probes.stack_enabled, probes.histograms(), stack, totals, names)
+        if not probes.stack_enabled:
+            return {}, {}, {}
+        stack, totals = probes.stack_histograms(), probes.interface_totals()
+        return stack, totals, self.interfaces.resolve(latency.interface_keys(stack, totals))
+
+    def latency(self) -> dict:
+        """The per-layer latency report (the shape of /api/latency, see latency.report)."""
+        assert self.probes is not None, "start() first"
+        return latency.report(self.probes.stack_enabled, self.probes.histograms(),
+                              *self.stack_maps())
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None
