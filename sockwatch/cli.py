@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         "latency", parents=[kernel, source], epilog=EPILOG_LATENCY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="per-layer latency along the kernel path, per interface",
-        description="Where the time goes between write() and the wire and between the wire "
-        "and read(): log2 histograms per layer, measured in the kernel. Standalone it "
-        "attaches and samples for --interval; with --url it reads a daemon's histograms "
+        description="Where the time goes between write() and the wire and between the wire\n"
+        "and read(): log2 histograms per layer, measured in the kernel. Standalone it\n"
+        "attaches and samples for --interval; with --url it reads a daemon's histograms\n"
         "(counted since it started).",
     )
     lat.add_argument("--json", action="store_true",
