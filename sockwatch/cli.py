@@ -71,6 +71,8 @@ layers (one line each: count, p50, p99, and a bar over the log2 buckets):
                driver (driver start -> transmitted)
   rx           driver (received -> TCP), tcp (TCP -> socket queue),
                socket (socket queue -> read())
+The kernel times one packet in eight through the qdisc, driver and rx tcp layers
+and counts it eight times: their counts estimate packets; interface totals are exact.
 """
 EPILOG_PROBES = """examples:
   sockwatch probes                     kernel facts and the variant chosen per hook
