@@ -38,9 +38,10 @@ def render(feats: KernelFeatures, plan: Plan | None, error: str | None, out: Tex
         out.write(f"  {name:<11} {'ok' if p.ok else 'no'}{'  (' + p.detail + ')' if p.detail else ''}\n")
     if plan:
         out.write("hooks\n")
+        width = max((len(h.hook) for h in plan.hooks), default=0)
         for h in plan.hooks:
             progs = ", ".join(h.programs) or "-"
             note = f"  {h.note}" if h.note else ""
-            out.write(f"  {h.hook:<9} {h.mode:<18} {progs}{note}\n")
+            out.write(f"  {h.hook:<{width}} {h.mode:<18} {progs}{note}\n")
     if error:
         out.write(f"error        {error}\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sockwatch.kernel.loader import _STACK_HOOKS as STACK_HOOKS
 from tests.kernel import daemon_util as du
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,8 +143,11 @@ def test_probes_names_the_mode_of_every_hook(probes_json):
     assert types["iter"] == "ok"
     best = best_flavour(probes_json)
     function_ok = types["fentry"] == "ok" or types["kprobe"] == "ok"
-    assert set(hooks) == {"state", "destroy", "connect", "accept", "snapshot"}, hooks
+    lifecycle = {"state", "destroy", "connect", "accept", "snapshot"}
+    assert set(hooks) == lifecycle | set(STACK_HOOKS), hooks
     assert hooks["state"][0] == best
+    # the per-packet stack hooks (on by default) use the same flavour
+    assert all(hooks[h][0] == best for h in STACK_HOOKS if h != "tcp_sendmsg")
     assert hooks["snapshot"][0] == "iter" and "dump_tcp" in hooks["snapshot"][1]
     if not function_ok:
         assert hooks["connect"][0] == "state"
