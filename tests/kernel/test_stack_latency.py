@@ -6,6 +6,9 @@ namespaces' interfaces hold only this test's traffic, whatever else runs on
 the host. Histograms are read through the Probes API (the kernel layout: slot
 k counts values <= 2**k microseconds); per-socket summaries come from the
 iter/tcp snapshot of the server's namespace while the socket is still open.
+The qdisc, driver and rx tcp layers time one packet in eight (each counts
+eight times); the tcp and socket layers and the per-socket summaries follow
+one sampled byte per socket, so a reader's every read is measured.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def sysfs_stats(ns: str, dev: str) -> dict[str, int]:
     """The driver's own counters, read inside the interface's namespace."""
     names = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
     out = subprocess.run(
-        ["ip", "netns", "exec", ns, "cat", *(f"/sys/class/net/{dev}/statistics/{n}" for n in names)],
+        ["ip", "netns", "exec", ns, "cat",
+         *(f"/sys/class/net/{dev}/statistics/{n}" for n in names)],
         check=True, capture_output=True, text=True).stdout.split()
     return dict(zip(names, map(int, out)))
 
