@@ -84,14 +84,8 @@ def frame_dict(frame: Frame, state: screen.UIState, source: str) -> dict[str, An
                 "handshake_p99_s": p.hs_p99, "rcvq_wait_p50_us": p.rcvq_wait_p50_us,
                 "rcvq_wait_max_us": p.rcvq_wait_max_us}
 
-    saved = state.view
-    try:
-        state.view = "processes"
-        procs = screen.rows(frame, state)
-        state.view = "listeners"
-        listeners = screen.rows(frame, state)
-    finally:
-        state.view = saved
+    procs = screen.rows(frame, state, "processes")
+    listeners = screen.rows(frame, state, "listeners")
     return {
         "source": source, "window_s": frame.window, "host": proc(frame.host),
         "lost_events": frame.lost, "loss": frame.loss, "probes": frame.modes,

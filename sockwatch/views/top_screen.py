@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from sockwatch.views.top_model import ConnRow, Frame, ListenerRow, ProcRow
+from sockwatch.views.top_model import Frame
 
-MIN_WIDTH, MIN_HEIGHT = 80, 24
 INTERVALS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 VIEWS = ("processes", "connections", "listeners", "latency")
 Segment = tuple[str, str]  # (text, style): "" plain, title, head, sort, sel, key, dim
@@ -255,10 +254,10 @@ def _sort_key(value: Any) -> tuple:
     return (1, value.lower() if isinstance(value, str) else value)
 
 
-def rows(frame: Frame, state: UIState) -> list[Any]:
-    """The rows of the current view, filtered and sorted."""
+def rows(frame: Frame, state: UIState, view: str | None = None) -> list[Any]:
+    """The rows of a view (the current one by default), filtered and sorted."""
     text = state.filter.lower()
-    view = state.view
+    view = view or state.view
     if view == "processes":
         items: list[Any] = [p for p in frame.processes if not text or p.matches(text)]
     elif view == "connections":
