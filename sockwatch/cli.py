@@ -402,7 +402,8 @@ def cmd_probes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "top": cmd_top, "trace": cmd_trace, "probes": cmd_probes}
+COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "top": cmd_top, "trace": cmd_trace,
+            "probes": cmd_probes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -118,7 +118,8 @@ PROCESS_COLUMNS = (
 )
 
 CONNECTION_COLUMNS = (
-    _c("FD", 4, lambda c: c.d["fd"], lambda v: "-" if v is None else str(v), help="file descriptor"),
+    _c("FD", 4, lambda c: c.d["fd"], lambda v: "-" if v is None else str(v),
+       help="file descriptor"),
     _c("ROLE", 6, lambda c: c.d["role"], priority=2, left=True, help="client/server"),
     _c("STATE", 10, lambda c: c.d["state"], left=True, help="TCP state"),
     _c("LOCAL", 15, lambda c: endpoint(c.d, "local"), left=True, flex=True, help="local address"),
@@ -269,8 +270,8 @@ def rows(frame: Frame, state: UIState, view: str | None = None) -> list[Any]:
     elif view == "listeners":
         items = [ln for ln in frame.listeners if not text or ln.matches(text)]
     else:
-        items = [ly for ly in frame.latency.get("layers", [])
-                 if not text or text in f"{ly['direction']} {ly['layer']} {ly['interface']}".lower()]
+        items = [ly for ly in frame.latency.get("layers", []) if not text
+                 or text in f"{ly['direction']} {ly['layer']} {ly['interface']}".lower()]
     title, desc = state.sort[view]
     col = next((c for c in COLUMNS[view] if c.title == title), None)
     if col is not None:

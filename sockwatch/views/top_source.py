@@ -61,7 +61,8 @@ class LocalSource:
         self._stop = threading.Event()
         self.monitor.start()
         self.label = "probes attached here"
-        self._modes = {h.hook: h.mode for h in self.monitor.probes.plan.hooks}  # type: ignore[union-attr]
+        plan = self.monitor.probes.plan  # type: ignore[union-attr]
+        self._modes = {h.hook: h.mode for h in plan.hooks}
         self._thread = threading.Thread(target=self.monitor.run, name="top-events",
                                         args=(self._stop, self._keep), daemon=True)
         self._thread.start()

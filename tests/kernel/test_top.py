@@ -342,7 +342,8 @@ def test_top_once_and_json_show_the_workload(workload):
     # ground truth: the kernel's own list of the process's sockets
     inodes = {int(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{pid}/fd")
               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
-    listed = {s["ino"] for s in mine["sockets"] if s["local_port"] == port and s["state"] == "ESTAB"}
+    listed = {s["ino"] for s in mine["sockets"]
+              if s["local_port"] == port and s["state"] == "ESTAB"}
     assert len(listed) >= 3 and listed <= inodes | {0}
     assert [ln["local_port"] for ln in doc["listeners"] if ln["pid"] == pid] == [port]
 
