@@ -201,7 +201,6 @@ class App:
     def key(self, ch: int) -> bool:
         """Apply one key; False to quit."""
         st = self.state
-        st.message = ""
         if st.help:
             st.help = False
             return True

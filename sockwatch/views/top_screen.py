@@ -230,7 +230,6 @@ class UIState:
     paused: bool = False
     interval: float = 2.0
     help: bool = False
-    message: str = ""
 
     def sort_by(self, step: int) -> None:
         """Move the sort column left or right."""
@@ -382,12 +381,11 @@ def _view_bar(frame: Frame | None, state: UIState, n: int) -> Line:
             proc = next((p for p in frame.processes if p.pid == state.pid), None)
             name = f"{state.pid} {proc.process}" if proc else f"{state.pid} (gone)"
         tabs.append(f"[{i}:{name}]" if VIEWS[i - 1] == state.view else f"{i}:{name}")
-    title, desc = state.sort[state.view]
-    bar = " ".join(tabs) + f"  {n} rows  sort {title} {'v' if desc else '^'}"
-    if state.filter or state.editing:
+    bar = " ".join(tabs)
+    if state.filter or state.editing:  # before the rest: it must show in 80 columns
         bar += f"  filter: {state.filter}" + ("_" if state.editing else "")
-    if state.message:
-        bar += f"  {state.message}"
+    title, desc = state.sort[state.view]
+    bar += f"  {n} rows  sort {title} {'v' if desc else '^'}"
     return [(bar, "key" if state.editing else "dim")]
 
 
