@@ -348,10 +348,13 @@ def test_top_once_and_json_show_the_workload(workload):
     assert [ln["local_port"] for ln in doc["listeners"] if ln["pid"] == pid] == [port]
 
 
-def test_top_reads_a_daemon(workload, tmp_path):
+def test_top_reads_a_daemon(workload, tmp_path, tmux_top):
     proc, port = workload
     d = du.start_daemon(tmp_path)
     try:
+        t = tmux_top("--interval", "1", "--url", d.url, width=160, height=24)
+        t.wait("the workload read from the daemon", lambda ls: ls[0].startswith(
+            f"sockwatch top - daemon {d.url}") and row_of(ls, proc.pid) is not None)
         out = run_top("--once", "--interval", "1", "--url", d.url, "--pid", str(proc.pid))
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -366,7 +369,12 @@ def test_top_reads_a_daemon(workload, tmp_path):
         assert set(d.get("/api/loss").json()) >= {"ringbuf_full", "decode_errors"}
     finally:
         d.stop()
-    # the daemon is gone now: one line, non-zero
+    # the daemon went away under the live view: the terminal is restored, one line, exit 1
+    assert t.wait_exit() == "1"
+    (line, status) = [ln for ln in t.screen() if ln.strip()]
+    assert line.startswith(f"sockwatch: cannot reach a sockwatch daemon at {d.url}")
+    assert status == "top-exit=1"
+    # and so does a fresh start
     out = run_top("--once", "--url", d.url)
     assert out.returncode == 1 and out.stdout == ""
     assert re.fullmatch(r"sockwatch: cannot reach a sockwatch daemon at \S+: .*\n", out.stderr)
