@@ -275,7 +275,10 @@ def interactive(sampler: Sampler, state: screen.UIState) -> None:
     color = "NO_COLOR" not in os.environ
 
     def main(scr: Any) -> None:
-        curses.curs_set(0)
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass  # a terminal that cannot hide its cursor shows it
         App(scr, sampler, state, color).loop()
 
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after a second
