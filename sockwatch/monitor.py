@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sockwatch import records, totals
+from sockwatch import latency, records
+from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
@@ -23,13 +24,6 @@ from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
-# The connection-level histograms /api/latency reports (no direction, no interface).
-CONNECTION_LAYERS = (
-    ("handshake_client", records.Hist.HANDSHAKE_CLIENT),
-    ("handshake_server", records.Hist.HANDSHAKE_SERVER),
-    ("lifetime_client", records.Hist.LIFETIME_CLIENT),
-    ("lifetime_server", records.Hist.LIFETIME_SERVER),
-)
 MERGE_CHUNK = 2048  # snapshot rows applied per hold of the table lock
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
 UNOWNED_RETRY_S = 5.0  # before looking again for a socket no process held
@@ -90,6 +84,7 @@ class Monitor:
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
         self.netns = current_netns(proc_root)
+        self.interfaces = InterfaceNames(self.netns, NamespaceLinks(self.netns, proc_root))
         self.started_ns = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -185,6 +180,7 @@ class Monitor:
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
+        self.name_interfaces()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
@@ -314,6 +310,32 @@ class Monitor:
             rows = self.table.live
             return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
 
+    def name_interfaces(self) -> None:
+        """Learn the names of the interfaces that carried traffic, while they still exist:
+        one that is gone by the time a view asks keeps the name read here."""
+        probes = self.probes
+        if probes is not None and probes.stack_enabled:
+            self.interfaces.resolve(probes.interface_totals())
+
+    def stack_maps(self) -> tuple[dict[latency.StackKey, list[int]],
+                                  dict[latency.IfKey, tuple[int, int, int, int, int]],
+                                  dict[latency.IfKey, tuple[str, str]]]:
+        """The per-interface histograms, the interface totals, and (label, driver) for
+        every interface in them; all empty when the stack programs are off. Read
+        straight from the kernel's maps: nothing to drain first."""
+        probes = self.probes
+        assert probes is not None, "start() first"
+        if not probes.stack_enabled:
+            return {}, {}, {}
+        stack, totals = probes.stack_histograms(), probes.interface_totals()
+        return stack, totals, self.interfaces.resolve(latency.interface_keys(stack, totals))
+
+    def latency(self) -> dict:
+        """The per-layer latency report (the shape of /api/latency, see latency.report)."""
+        assert self.probes is not None, "start() first"
+        return latency.report(self.probes.stack_enabled, self.probes.histograms(),
+                              *self.stack_maps())
+
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None
         st = self.probes.stats()
@@ -328,26 +350,3 @@ class Monitor:
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
         )
-
-    def latency(self) -> dict:
-        """The kernel's latency histograms in the shape of ``GET /api/latency``.
-
-        Connection-level layers only: the per-packet stack layers and the
-        interface counters come with the stack probes.
-        """
-        assert self.probes is not None, "start() first"
-        hists = self.probes.histograms()
-        return {"enabled": False,
-                "layers": [layer_dict("", name, "", hists[h]) for name, h in CONNECTION_LAYERS],
-                "interfaces": []}
-
-
-def layer_dict(direction: str, layer: str, interface: str, slots: list[int]) -> dict:
-    """One histogram as /api/latency gives it: finite ``le`` buckets (the count
-    covers the overflow slot too), sum and log2-bound quantiles."""
-    buckets, sum_s = totals.cumulative_buckets(slots)
-    return {"direction": direction, "layer": layer, "interface": interface,
-            "count": buckets[-1][1], "sum_seconds": sum_s,
-            "buckets": [[float(le), n] for le, n in buckets[:-1]],
-            "p50_seconds": totals.quantile_seconds(slots, 0.5),
-            "p99_seconds": totals.quantile_seconds(slots, 0.99)}

@@ -53,21 +53,3 @@ def cumulative_buckets(slots: list[int]) -> tuple[list[tuple[str, int]], float]:
     running += slots[HIST_SLOTS - 1]
     out.append(("+Inf", running))
     return out, slots[HIST_STRIDE - 1] / 1e9
-
-
-
-def quantile_seconds(slots: list[int], q: float) -> float | None:
-    """Upper bound (seconds) of the slot holding the ``q`` quantile; None when empty.
-
-    Log2 slots cannot say more than "at most 2**k us": reporting the bound is
-    what histogram_quantile would give for the same buckets, without interpolation.
-    """
-    count = sum(slots[:HIST_SLOTS])
-    if not count:
-        return None
-    want, running = q * count, 0
-    for k, n in enumerate(slots[:HIST_SLOTS]):
-        running += n
-        if running >= want:
-            return BOUNDS_S[k] if k < len(BOUNDS_S) else float(2 ** (HIST_SLOTS - 1) / 1e6)
-    return None
