@@ -407,6 +407,8 @@ def render(frame: Frame | None, source: str, state: UIState, width: int,
     items = rows(frame, state) if frame is not None else []
     out.append(_view_bar(frame, state, len(items)))
     extra = _interfaces(frame, width) if frame is not None and state.view == "latency" else []
+    if height:
+        extra = extra[:height // 3]  # the layers keep most of the screen
     body = (height - len(out) - 1 - len(extra)) if height else len(items) + 1
     if body >= 1:
         out += _table(COLUMNS[state.view], items, state, width, body,
