@@ -345,7 +345,13 @@ def test_top_once_and_json_show_the_workload(workload):
     listed = {s["ino"] for s in mine["sockets"]
               if s["local_port"] == port and s["state"] == "ESTAB"}
     assert len(listed) >= 3 and listed <= inodes | {0}
-    assert [ln["local_port"] for ln in doc["listeners"] if ln["pid"] == pid] == [port]
+    (listener,) = [ln for ln in doc["listeners"] if ln["pid"] == pid]
+    assert listener["local_port"] == port and listener["accepts_per_s"] > 0
+    # the waits measured in the kernel: accept() of the short connections, and the
+    # receive queue of the echoed data (stack probes, when this kernel runs them)
+    assert listener["accept_wait_p50_us"] > 0
+    if doc["latency"]["enabled"]:
+        assert 0 < mine["rcvq_wait_p50_us"] <= mine["rcvq_wait_max_us"]
 
 
 def test_top_reads_a_daemon(workload, tmp_path, tmux_top):
