@@ -52,8 +52,8 @@ def _modes(hooks: list[dict[str, Any]]) -> dict[str, str]:
 class LocalSource:
     """Attaches the probes in this process; a thread drains the ring buffer."""
 
-    def __init__(self, cfg: loader.LoaderConfig, flt: Filter, monitor: Monitor | None = None):
-        self.monitor = monitor or Monitor(cfg)
+    def __init__(self, cfg: loader.LoaderConfig, flt: Filter):
+        self.monitor = Monitor(cfg)
         self._flt = flt
         self._events: list[records.ConnEvent] = []
         self._dropped = 0
