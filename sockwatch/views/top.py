@@ -202,7 +202,7 @@ class App:
         """Apply one key; False to quit."""
         st = self.state
         if st.help:
-            st.help = False
+            st.help = 2 if st.help == 1 and ch in (ord("?"), ord("h")) else 0
             return True
         if st.editing:
             if ch in (curses.KEY_ENTER, 10, 13):
@@ -253,7 +253,7 @@ class App:
             st.faster(-1)
             self.sampler.now()
         elif ch in (ord("?"), ord("h"), curses.KEY_F1):
-            st.help = True
+            st.help = 1
         return True
 
     def loop(self) -> None:

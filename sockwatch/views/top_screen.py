@@ -231,7 +231,7 @@ class UIState:
     pid: int | None = None  # the process drilled into ("connections" view)
     paused: bool = False
     interval: float = 2.0
-    help: bool = False
+    help: int = 0  # 0: no help; 1: the keys; 2: the columns of the view
 
     def sort_by(self, step: int) -> None:
         """Move the sort column left or right."""
@@ -303,7 +303,7 @@ HELP = [
     "                 enter keeps it, esc drops it; c clears it",
     "  space          pause / resume (rates stay exact: the window keeps counting)",
     "  + -            refresh less / more often (0.5 s to 10 s)",
-    "  ? h            this help; any key closes it",
+    "  ? h            this help (again: what each column shows); other keys close it",
     "",
     "Rates are per second over the refresh window; '-' means not known.",
 ]
@@ -395,13 +395,13 @@ def render(frame: Frame | None, source: str, state: UIState, width: int,
            height: int | None) -> list[Line]:
     """The whole screen; ``height`` None: every row (for --once into a pipe)."""
     width = max(20, width)
-    if state.help:
+    if state.help == 1:
         lines = [[(ln, "title" if i == 0 else "")] for i, ln in enumerate(HELP)]
-        cells = [f"  {c.title:<7} {c.help}" for c in COLUMNS[state.view]]
-        per_line = max(1, width // 60)  # side by side when there is room
-        lines.append([(f"Columns of the {state.view} view:", "title")])
-        for i in range(0, len(cells), per_line):
-            lines.append([("".join(f"{c[:60]:<60}" for c in cells[i:i + per_line]), "")])
+        lines.append([(f"? again: what each column of the {state.view} view shows", "key")])
+        return [_clip(line, width) for line in (lines[:height] if height else lines)]
+    if state.help == 2:
+        lines = [[(f"Columns of the {state.view} view (any key closes this):", "title")]]
+        lines += [[(f"  {c.title:<7} {c.help}", "")] for c in COLUMNS[state.view]]
         return [_clip(line, width) for line in (lines[:height] if height else lines)]
     out = _header(frame, source, state, width)
     items = rows(frame, state) if frame is not None else []

@@ -267,9 +267,12 @@ def test_top_in_tmux_keys_views_resize_and_quit(workload, tmux_top):
     hs = next(ln for ln in lines if "handshake_client" in ln).split()
     assert int(hs[1]) > 0 and hs[2] != "-"
 
-    # help, then any key closes it
+    # help, then what each column shows, then any key closes it
     t.keys("?")
     t.wait("help", lambda ls: any("this help" in ln for ln in ls))
+    t.keys("?")
+    t.wait("column help", lambda ls: ls[0].startswith("Columns of the latency view")
+           and ls[1].split()[:1] == ["DIR"])
     t.keys("x")
     t.wait("help closed", lambda ls: "[4:latency]" in view_bar(ls))
 

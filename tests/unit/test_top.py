@@ -246,11 +246,16 @@ def test_selection_scrolls_and_stays_on_screen():
     assert st.top["processes"] > 0
 
 
-def test_help_fits_80x24():
+@pytest.mark.parametrize("view", screen.VIEWS)
+def test_help_and_column_help_fit_80x24(view):
     _, second = two_frames()
-    lines, text = screen_text(second, screen.UIState(help=True), 80, 24)
+    lines, text = screen_text(second, screen.UIState(help=1, view=view), 80, 24)
     assert len(lines) <= 24 and all(len(t) <= 80 for t in text)
     assert any("quit" in t for t in text) and any("filter" in t for t in text)
+    assert "? again" in text[-1]
+    lines, text = screen_text(second, screen.UIState(help=2, view=view), 80, 24)
+    assert len(lines) <= 24 and all(len(t) <= 80 for t in text)
+    assert [t.split()[0] for t in text[1:]] == [c.title for c in screen.COLUMNS[view]]
 
 
 def test_once_output_without_height_lists_every_row_and_no_escapes():
