@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import types
 import typing
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
@@ -223,3 +225,46 @@ def metric_names(expr: str) -> set[str]:
         if not m.group(2) and m.group(1).lower() not in _KEYWORDS:
             names.add(m.group(1))
     return names
+
+
+# An HTTP API call: (path under /api/v1, query parameters) -> the decoded JSON reply.
+Api = Callable[[str, dict[str, str]], dict[str, Any]]
+
+
+@dataclass
+class Answer:
+    """One panel query as Prometheus answered it (series as a range: [[t, "v"], ...])."""
+
+    panel: dict[str, Any]
+    target: dict[str, Any]
+    expr: str
+    error: str | None
+    series: list[dict[str, Any]]
+
+    @property
+    def has_data(self) -> bool:
+        """Some series with a finite value: what Grafana would draw (NaN draws nothing)."""
+        return any(math.isfinite(float(v)) for s in self.series for _, v in s["values"])
+
+
+def evaluate(doc: dict[str, Any], api: Api, values: dict[str, str], start: float, end: float,
+             step: float) -> list[Answer]:
+    """Every query of a dashboard, run the way its panel runs it: instant at ``end``, or
+    over [start, end] every ``step`` seconds; variables filled from ``values``."""
+    answers = []
+    for panel, t in queries(doc):
+        expr = substitute(t["expr"], values)
+        if t.get("instant"):
+            reply = api("query", {"query": expr, "time": f"{end:.3f}"})
+        else:
+            reply = api("query_range", {"query": expr, "start": f"{start:.3f}",
+                                        "end": f"{end:.3f}", "step": f"{step:g}"})
+        if reply.get("status") != "success":
+            answers.append(Answer(panel, t, expr, f"{reply.get('errorType')}: "
+                                                  f"{reply.get('error')}", []))
+            continue
+        result = reply["data"]["result"]
+        series = [{"metric": r["metric"], "values": r["values"] if "values" in r else [r["value"]]}
+                  for r in result]
+        answers.append(Answer(panel, t, expr, None, series))
+    return answers
