@@ -46,6 +46,7 @@ INST = 'instance=~"$instance"'
 PROC = f'{INST}, process=~"$process"'
 RATE = "[$__rate_interval]"
 OK = PROC + ', result="ok"'
+PEERS = PROC + ', state!="LISTEN"'  # per-connection series of connections, not listeners
 FAILED = PROC + ', result!="ok"'
 
 
@@ -314,15 +315,15 @@ def process_drilldown() -> db.Dashboard:
             "metrics.per_connection = true in sockwatch.toml. Bad: peers you do not expect, "
             "or a peer with a large smoothed RTT.",
             (f"topk(20, sum by (local, remote, state) "
-             f"({sel('sockwatch_connection_sent_bytes', PROC)}))", "sent bytes"),
-            (f"max by (local, remote, state) ({sel('sockwatch_connection_rtt_seconds', PROC)})",
+             f"({sel('sockwatch_connection_sent_bytes', PEERS)}))", "sent bytes"),
+            (f"max by (local, remote, state) ({sel('sockwatch_connection_rtt_seconds', PEERS)})",
              "srtt"), w=24))
         .with_panel(series(
             "Latency: smoothed RTT by peer",
             "The kernel's smoothed round-trip time of each of the process's connections "
             "(per-connection series, capped; needs metrics.per_connection = true), worst 10. "
             "Bad: RTT well above the path's base latency (queueing, bufferbloat) or rising.",
-            "s", (f"topk(10, max by (remote) ({sel('sockwatch_connection_rtt_seconds', PROC)}))",
+            "s", (f"topk(10, max by (remote) ({sel('sockwatch_connection_rtt_seconds', PEERS)}))",
                   "{{remote}}"), w=24)))
 
 
@@ -448,7 +449,7 @@ def health() -> db.Dashboard:
             "fentry, kprobe). Bad: a hook missing, or a slower fallback than the kernel "
             "should allow (sockwatch probes explains why).",
             (f"max by (instance, hook, mode) ({sel('sockwatch_probe_attach_info')})", "attached"),
-            w=24))
+            w=24, h=7))
         .with_row(db.Row("Cost"))
         .with_panel(series(
             "Scrape duration",
@@ -475,7 +476,7 @@ def health() -> db.Dashboard:
             "Bad: an uptime that keeps resetting (the service restarts).",
             (f"max by (instance, version, kernel) ({sel('sockwatch_build_info')})", "up"),
             (f"max by (instance) (time() - {sel('sockwatch_start_time_seconds')})", "uptime s"),
-            w=24)))
+            w=24, h=5)))
 
 
 DASHBOARDS = {
