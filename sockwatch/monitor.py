@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sockwatch import records
+from sockwatch import latency, records
+from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
@@ -80,6 +81,7 @@ class Monitor:
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
         self.netns = current_netns(proc_root)
+        self.interfaces = InterfaceNames(self.netns, NamespaceLinks(self.netns, proc_root))
         self.started_ns = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -295,6 +297,18 @@ class Monitor:
         with self.lock:
             rows = self.table.live
             return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
+
+    def latency(self) -> dict:
+        """The per-layer latency report (the shape of /api/latency, see latency.report).
+
+        Histograms are read straight from the kernel's maps: nothing to drain first.
+        """
+        probes = self.probes
+        assert probes is not None, "start() first"
+        stack = probes.stack_histograms() if probes.stack_enabled else {}
+        totals = probes.interface_totals() if probes.stack_enabled else {}
+        names = self.interfaces.resolve(latency.interface_keys(stack, totals))
+        return latency.report(probes.stack_enabled, probes.histograms(), stack, totals, names)
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None

@@ -1,8 +1,7 @@
 """Routes of the daemon's HTTP server: /metrics, /healthz and the JSON API.
 
-The JSON API is what ``sockwatch table --url`` and ``sockwatch trace --url``
-read, so the CLI shows the same rows whether it attaches itself or asks a
-running daemon. Handlers only read: they copy under the monitor's lock and
+The JSON API is what ``sockwatch table|trace|latency --url`` read, so the
+CLI shows the same rows whether it attaches itself or asks a running daemon. Handlers only read: they copy under the monitor's lock and
 format outside it.
 """
 
@@ -193,7 +192,12 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
         p = monitor.probes
         if p is None:
             return _json({"error": "probes not attached"}, 503)
-        return _json(probes_view.as_dict(p.features, p.plan, None))
+        return _json(probes_view.as_dict(p.features, p.plan, None, p.stack_enabled))
+
+    def api_latency(req: Request) -> Response:
+        if monitor.probes is None:
+            return _json({"error": "probes not attached"}, 503)
+        return _json(monitor.latency())
 
     def api_events(req: Request) -> Response:
         try:
@@ -205,4 +209,5 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
         return _json({"seq": seq, "events": evs})
 
     return {"/metrics": metrics, "/healthz": healthz, "/api/connections": connections,
-            "/api/processes": processes, "/api/probes": probes, "/api/events": api_events}
+            "/api/processes": processes, "/api/probes": probes, "/api/events": api_events,
+            "/api/latency": api_latency}

@@ -85,6 +85,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__set_autoload": (_c.c_int, [_vp, _c.c_bool]),
     "bpf_program__attach": (_vp, [_vp]),
     "bpf_map__fd": (_c.c_int, [_vp]),
+    "bpf_map__reuse_fd": (_c.c_int, [_vp, _c.c_int]),
     "bpf_map__set_max_entries": (_c.c_int, [_vp, _c.c_uint32]),
     "bpf_map__max_entries": (_c.c_uint32, [_vp]),
     "bpf_map__value_size": (_c.c_uint32, [_vp]),
@@ -241,6 +242,12 @@ class BpfObject:
     def set_autoload(self, program: str, on: bool) -> None:
         lib().so.bpf_program__set_autoload(self._program(program), on)
 
+    def reuse_map(self, map_name: str, fd: int) -> None:
+        """Use an existing map (another object's) instead of creating this one."""
+        rc = lib().so.bpf_map__reuse_fd(self._map(map_name), fd)
+        if rc:
+            raise LibbpfError(f"cannot share map {map_name}: {os.strerror(-rc)}", -rc)
+
     def set_max_entries(self, map_name: str, entries: int) -> None:
         if lib().so.bpf_map__set_max_entries(self._map(map_name), entries):
             raise LibbpfError(f"cannot size map {map_name} to {entries}")
@@ -352,6 +359,17 @@ def read_hash(map_fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
         if so.bpf_map_lookup_elem(map_fd, key, value) == 0:  # ENOENT: deleted meanwhile
             out[key.raw] = value.raw
         prev = key
+    return out
+
+
+def read_percpu_u64_hash(map_fd: int, key_size: int, n_u64: int) -> dict[bytes, list[int]]:
+    """Every key of a BPF_MAP_TYPE_PERCPU_HASH whose value is ``n_u64`` __u64, each
+    slot summed over all CPUs."""
+    ncpu = num_possible_cpus()
+    out = {}
+    for key, raw in read_hash(map_fd, key_size, 8 * n_u64 * ncpu).items():
+        flat = memoryview(raw).cast("Q")
+        out[key] = [sum(flat[c * n_u64 + i] for c in range(ncpu)) for i in range(n_u64)]
     return out
 
 
