@@ -130,6 +130,13 @@ def tabled(title: str, description: str, *pairs: tuple[str, str], w: int = 12,
                                     "renameByName": names}))
 
 
+def by_state(title: str, description: str) -> timeseries.Panel:
+    """Live sockets of the selected processes by TCP state, stacked."""
+    return series(title, description, "short",
+                  (f"sum by (state) ({sel('sockwatch_connections', PROC)})", "{{state}}"),
+                  stack=True)
+
+
 def single(title: str, description: str, expr: str, unit: str, w: int = 6) -> stat.Panel:
     return (stat.Panel().title(title).description(description).datasource(DS).unit(unit)
             .with_target(target(expr, instant=True)).span(w).height(4))
@@ -184,14 +191,12 @@ def host_overview() -> db.Dashboard:
                       "Every TCP socket on the host, as sockwatch sees it from the kernel.",
                       [datasource_var(), instance_var(), process_var()])
         .with_row(db.Row("Connections"))
-        .with_panel(series(
+        .with_panel(by_state(
             "Connections by state",
             "Live TCP sockets by state (listeners included), for the selected processes. "
             "Bad: CLOSE-WAIT that only grows means an application does not close sockets its "
             "peer closed; a pile of TIME-WAIT or SYN-SENT means connection churn or an "
-            "unreachable peer.",
-            "short", (f"sum by (state) ({sel('sockwatch_connections', PROC)})", "{{state}}"),
-            stack=True))
+            "unreachable peer."))
         .with_panel(series(
             "New connections/s, in and out",
             "Connections accepted (in) and outgoing connects that succeeded (out), per second. "
@@ -272,12 +277,10 @@ def process_drilldown() -> db.Dashboard:
                       "One process (by its kernel task name): its sockets, rates, failures, "
                       "peers and latency.",
                       [datasource_var(), instance_var(), process_var(multi=False)])
-        .with_panel(series(
+        .with_panel(by_state(
             "Connections of $process by state",
             "The process's live TCP sockets by state. Bad: CLOSE-WAIT growing (it does not "
-            "close what peers closed), or the count rising without bound (a leak).",
-            "short", (f"sum by (state) ({sel('sockwatch_connections', PROC)})", "{{state}}"),
-            stack=True))
+            "close what peers closed), or the count rising without bound (a leak)."))
         .with_panel(tabled(
             "Listening sockets",
             "Ports the process listens on and how many sockets listen on each. Bad: a port "
