@@ -43,7 +43,8 @@ SCHEMA_VERSION = 42
 TAG = "sockwatch"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 INST = 'instance=~"$instance"'
-PROC = f'{INST}, process=~"$process"'
+# :regex escapes the name's regex characters (a task name may hold dots or brackets)
+PROC = f'{INST}, process=~"${{process:regex}}"'
 RATE = "[$__rate_interval]"
 OK = PROC + ', result="ok"'
 PEERS = PROC + ', state!="LISTEN"'  # per-connection series of connections, not listeners
@@ -183,7 +184,8 @@ def dashboard(uid: str, title: str, description: str, variables: list[Any]) -> d
 # The four dashboards
 # --------------------------------------------------------------------------------------
 
-BYTES_RATE = "sum(rate(sockwatch_{}_bytes_total{{" + PROC + "}}" + RATE + "))"
+def bytes_rate(direction: str) -> str:
+    return f"sum({rate(f'sockwatch_{direction}_bytes_total', PROC)})"
 
 
 def host_overview() -> db.Dashboard:
@@ -228,7 +230,7 @@ def host_overview() -> db.Dashboard:
             "Application payload sent and received per second (retransmissions counted once). "
             "Bad: a flat line at zero while connections are open (stuck peers), or a rate "
             "near the link's capacity.",
-            "Bps", (BYTES_RATE.format("sent"), "sent"), (BYTES_RATE.format("received"),
+            "Bps", (bytes_rate("sent"), "sent"), (bytes_rate("received"),
                                                           "received")))
         .with_panel(series(
             "Retransmits/s by process",
@@ -308,8 +310,8 @@ def process_drilldown() -> db.Dashboard:
             "Payload the process sent and received per second, and its retransmitted segments "
             "per second (right axis scale is the same unit, count/s). Bad: retransmits above "
             "zero for long, or traffic stopping while sockets stay open.",
-            "Bps", (BYTES_RATE.format("sent"), "sent B/s"),
-            (BYTES_RATE.format("received"), "received B/s"),
+            "Bps", (bytes_rate("sent"), "sent B/s"),
+            (bytes_rate("received"), "received B/s"),
             (f"sum({rate('sockwatch_retransmits_total', PROC)})", "retransmits/s")))
         .with_panel(tabled(
             "Peers (capped)",

@@ -10,7 +10,7 @@ schema (the CUE kinds behind the dashboard JSON). A dashboard is valid when
    without checking: ``"h": "8"`` or ``"type": "sometype"`` for a variable
    would otherwise pass), enums included;
 3. sockwatch's own rules hold: each panel says what it shows in a description,
-   queries the ``$datasource`` variable, and every variable a query uses is
+   and what a bad value looks like ("Bad: ..."), queries the ``$datasource`` variable, and every variable a query uses is
    defined (``datasource`` of type datasource and ``instance`` always).
 """
 
@@ -161,6 +161,8 @@ def rule_errors(doc: dict[str, Any]) -> Iterator[str]:
         where = f"panel {p.get('title')!r}"
         if not str(p.get("description", "")).strip():
             yield f"{where}: no description"
+        elif "bad" not in p["description"].lower():
+            yield f"{where}: the description does not say what a bad value looks like"
         if p.get("datasource", {}).get("uid") != "${datasource}":
             yield f"{where}: datasource is not the $datasource variable"
         if not p.get("targets") or not all(t.get("expr") for t in p["targets"]):

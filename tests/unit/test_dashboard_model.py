@@ -94,6 +94,9 @@ BREAKS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "panels not a list": (lambda d: d.update(panels=5), "the dashboard model cannot decode it"),
     "panel without description": (lambda d: d["panels"][1].pop("description"),
                                   "panel 'Connections by state': no description"),
+    "description without a bad value": (
+        lambda d: d["panels"][1].update(description="Live TCP sockets by state."),
+        "panel 'Connections by state': the description does not say what a bad value"),
     "no instance variable": (lambda d: d["templating"]["list"].pop(1),
                              "templating: no variable 'instance'"),
     "query uses an undefined variable": (
