@@ -41,6 +41,22 @@
 #include "shared.bpf.h"
 #include "core_fixes.bpf.h"
 
+/*
+ * The tp_btf and raw_tp variants of one hook: the same arguments and the same
+ * handler call; user space keeps the one that loads (see the loader).
+ */
+#define TP_BTF_AND_RAW(name, tp, call, args...)				\
+SEC("tp_btf/" #tp)							\
+int BPF_PROG(name##_btf, args)						\
+{									\
+	return call;							\
+}									\
+SEC("raw_tp/" #tp)							\
+int BPF_PROG(name##_raw, args)						\
+{									\
+	return call;							\
+}
+
 #define AF_INET		2
 #define AF_INET6	10
 #define IPPROTO_TCP	6
@@ -186,17 +202,7 @@ static __always_inline int handle_sendmsg(const struct sock *sk)
 	return 0;
 }
 
-SEC("tp_btf/tcp_sendmsg_locked")
-int BPF_PROG(sendmsg_btf, const struct sock *sk)
-{
-	return handle_sendmsg(sk);
-}
-
-SEC("raw_tp/tcp_sendmsg_locked")
-int BPF_PROG(sendmsg_raw, const struct sock *sk)
-{
-	return handle_sendmsg(sk);
-}
+TP_BTF_AND_RAW(sendmsg, tcp_sendmsg_locked, handle_sendmsg(sk), const struct sock *sk)
 
 /* ---- ... leaves TCP (and IP); tx qdisc starts ------------------------------- */
 
@@ -250,17 +256,7 @@ static __always_inline int handle_dev_queue(struct sk_buff *skb)
 	return 0;
 }
 
-SEC("tp_btf/net_dev_queue")
-int BPF_PROG(dev_queue_btf, struct sk_buff *skb)
-{
-	return handle_dev_queue(skb);
-}
-
-SEC("raw_tp/net_dev_queue")
-int BPF_PROG(dev_queue_raw, struct sk_buff *skb)
-{
-	return handle_dev_queue(skb);
-}
+TP_BTF_AND_RAW(dev_queue, net_dev_queue, handle_dev_queue(skb), struct sk_buff *skb)
 
 SEC("tp/net/net_dev_queue")
 int dev_queue_tp(struct trace_event_raw_net_dev_template *ctx)
@@ -299,17 +295,8 @@ static __always_inline int handle_start_xmit(const struct sk_buff *skb,
 	return 0;
 }
 
-SEC("tp_btf/net_dev_start_xmit")
-int BPF_PROG(start_xmit_btf, const struct sk_buff *skb, const struct net_device *dev)
-{
-	return handle_start_xmit(skb, dev);
-}
-
-SEC("raw_tp/net_dev_start_xmit")
-int BPF_PROG(start_xmit_raw, const struct sk_buff *skb, const struct net_device *dev)
-{
-	return handle_start_xmit(skb, dev);
-}
+TP_BTF_AND_RAW(start_xmit, net_dev_start_xmit, handle_start_xmit(skb, dev),
+	       const struct sk_buff *skb, const struct net_device *dev)
 
 SEC("tp/net/net_dev_start_xmit")
 int start_xmit_tp(struct trace_event_raw_net_dev_start_xmit *ctx)
@@ -349,17 +336,8 @@ static __always_inline int handle_xmit(const struct sk_buff *skb, int rc, __u32 
 	return 0;
 }
 
-SEC("tp_btf/net_dev_xmit")
-int BPF_PROG(xmit_btf, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
-{
-	return handle_xmit(skb, rc, len);
-}
-
-SEC("raw_tp/net_dev_xmit")
-int BPF_PROG(xmit_raw, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
-{
-	return handle_xmit(skb, rc, len);
-}
+TP_BTF_AND_RAW(xmit, net_dev_xmit, handle_xmit(skb, rc, len),
+	       struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
 
 SEC("tp/net/net_dev_xmit")
 int xmit_tp(struct trace_event_raw_net_dev_xmit *ctx)
@@ -415,17 +393,7 @@ static __always_inline int handle_receive(const struct sk_buff *skb)
 	return 0;
 }
 
-SEC("tp_btf/netif_receive_skb")
-int BPF_PROG(receive_btf, struct sk_buff *skb)
-{
-	return handle_receive(skb);
-}
-
-SEC("raw_tp/netif_receive_skb")
-int BPF_PROG(receive_raw, struct sk_buff *skb)
-{
-	return handle_receive(skb);
-}
+TP_BTF_AND_RAW(receive, netif_receive_skb, handle_receive(skb), struct sk_buff *skb)
 
 SEC("tp/net/netif_receive_skb")
 int receive_tp(struct trace_event_raw_net_dev_template *ctx)
@@ -467,17 +435,8 @@ static __always_inline int handle_tcp_rcv(const struct sock *sk, const struct sk
 	return 0;
 }
 
-SEC("tp_btf/tcp_probe")
-int BPF_PROG(tcp_rcv_btf, struct sock *sk, const struct sk_buff *skb)
-{
-	return handle_tcp_rcv(sk, skb);
-}
-
-SEC("raw_tp/tcp_probe")
-int BPF_PROG(tcp_rcv_raw, struct sock *sk, const struct sk_buff *skb)
-{
-	return handle_tcp_rcv(sk, skb);
-}
+TP_BTF_AND_RAW(tcp_rcv, tcp_probe, handle_tcp_rcv(sk, skb),
+	       struct sock *sk, const struct sk_buff *skb)
 
 SEC("tp/tcp/tcp_probe")
 int tcp_rcv_tp(struct trace_event_raw_tcp_probe *ctx)
@@ -525,17 +484,7 @@ static __always_inline int handle_data_ready(const struct sock *sk)
 	return 0;
 }
 
-SEC("tp_btf/sk_data_ready")
-int BPF_PROG(data_ready_btf, const struct sock *sk)
-{
-	return handle_data_ready(sk);
-}
-
-SEC("raw_tp/sk_data_ready")
-int BPF_PROG(data_ready_raw, const struct sock *sk)
-{
-	return handle_data_ready(sk);
-}
+TP_BTF_AND_RAW(data_ready, sk_data_ready, handle_data_ready(sk), const struct sock *sk)
 
 SEC("tp/sock/sk_data_ready")
 int data_ready_tp(struct trace_event_raw_sk_data_ready *ctx)
@@ -591,17 +540,7 @@ static __always_inline int handle_recv(const struct sock *sk, int ret)
 	return 0;
 }
 
-SEC("tp_btf/sock_recv_length")
-int BPF_PROG(read_btf, struct sock *sk, int ret, int flags)
-{
-	return handle_recv(sk, ret);
-}
-
-SEC("raw_tp/sock_recv_length")
-int BPF_PROG(read_raw, struct sock *sk, int ret, int flags)
-{
-	return handle_recv(sk, ret);
-}
+TP_BTF_AND_RAW(read, sock_recv_length, handle_recv(sk, ret), struct sock *sk, int ret, int flags)
 
 SEC("tp/sock/sock_recv_length")
 int read_tp(struct trace_event_raw_sock_msg_length *ctx)

@@ -407,13 +407,18 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if args.url:
         report = DaemonClient(args.url).get("/api/latency")
     else:
+        if args.interface and args.no_stack_latency:
+            raise UsageError("latency: --interface needs the per-interface stack probes, "
+                             "which --no-stack-latency leaves out")
         _check_interface_exists(args.interface)
         stop = threading.Event()
         with Monitor(_loader_config(args)) as mon:
             _stop_on_signals(stop)
             print(f"sockwatch: sampling for {args.interval:g} s (Ctrl-C prints early) ...",
                   file=sys.stderr, flush=True)
-            stop.wait(args.interval)
+            end = time.monotonic() + args.interval
+            while (left := end - time.monotonic()) > 0 and not stop.wait(min(left, 1.0)):
+                mon.name_interfaces()  # an interface may be gone by the end of the sample
             report = mon.latency()
     latency_view.render(latency_view.select(report, args.interface), sys.stdout, args.json)
     return 0

@@ -177,6 +177,7 @@ class Monitor:
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
+        self.name_interfaces()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
@@ -298,17 +299,31 @@ class Monitor:
             rows = self.table.live
             return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
 
-    def latency(self) -> dict:
-        """The per-layer latency report (the shape of /api/latency, see latency.report).
+    def name_interfaces(self) -> None:
+        """Learn the names of the interfaces that carried traffic, while they still exist:
+        one that is gone by the time a view asks keeps the name read here."""
+        probes = self.probes
+        if probes is not None and probes.stack_enabled:
+            self.interfaces.resolve(probes.interface_totals())
 
-        Histograms are read straight from the kernel's maps: nothing to drain first.
-        """
+    def stack_maps(self) -> tuple[dict[latency.StackKey, list[int]],
+                                  dict[latency.IfKey, tuple[int, int, int, int, int]],
+                                  dict[latency.IfKey, tuple[str, str]]]:
+        """The per-interface histograms, the interface totals, and (label, driver) for
+        every interface in them; all empty when the stack programs are off. Read
+        straight from the kernel's maps: nothing to drain first."""
         probes = self.probes
         assert probes is not None, "start() first"
-        stack = probes.stack_histograms() if probes.stack_enabled else {}
-        totals = probes.interface_totals() if probes.stack_enabled else {}
-        names = self.interfaces.resolve(latency.interface_keys(stack, totals))
-        return latency.report(probes.stack_enabled, probes.histograms(), stack, totals, names)
+        if not probes.stack_enabled:
+            return {}, {}, {}
+        stack, totals = probes.stack_histograms(), probes.interface_totals()
+        return stack, totals, self.interfaces.resolve(latency.interface_keys(stack, totals))
+
+    def latency(self) -> dict:
+        """The per-layer latency report (the shape of /api/latency, see latency.report)."""
+        assert self.probes is not None, "start() first"
+        return latency.report(self.probes.stack_enabled, self.probes.histograms(),
+                              *self.stack_maps())
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None

@@ -25,7 +25,6 @@ from prometheus_client import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sockwatch import __version__, latency, records
-from sockwatch.kernel.loader import Probes
 from sockwatch.monitor import Monitor
 from sockwatch.records import Role, state_name
 from sockwatch.totals import LabelCap, cumulative_buckets
@@ -179,7 +178,7 @@ class SockwatchCollector(Collector):
                                      ("server",): hists[Hist.LIFETIME_SERVER]})
         yield _histograms("accept_queue_seconds", "Accept-queue wait: connection established "
                           "-> returned by accept().", [], {(): hists[Hist.ACCEPT_QUEUE]})
-        yield from self._stack(probes)
+        yield from self._stack(probes.stack_enabled)
         if per_conn:
             yield from self._per_connection(per_conn)
 
@@ -233,13 +232,10 @@ class SockwatchCollector(Collector):
                                 "Time spent collecting this scrape, before exposition.",
                                 value=time.perf_counter() - started)
 
-    def _stack(self, probes: Probes) -> Iterator[Metric]:
+    def _stack(self, enabled: bool) -> Iterator[Metric]:
         """Per-interface stack latency and totals, interfaces named through the monitor's
         cache and capped: ``name`` in our namespace, ``name@<netns inode>`` in others."""
-        enabled = probes.stack_enabled
-        stack = probes.stack_histograms() if enabled else {}
-        totals = probes.interface_totals() if enabled else {}
-        names = self.monitor.interfaces.resolve(latency.interface_keys(stack, totals))
+        stack, totals, names = self.monitor.stack_maps()
         # admitted in (netns, ifindex) order: the first namespace's boot-time NICs come first
         capped = {key: self.interfaces(label) for key, (label, _driver) in sorted(names.items())}
 

@@ -325,15 +325,25 @@ class BpfObject:
             )
         return Link(ptr, program)
 
-    def recursion_misses(self, program: str) -> int:
-        """Runs the kernel skipped because the program was already running on that CPU
-        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
+    def _prog_info(self, program: str) -> _BpfProgInfo:
+        """The kernel's bpf_prog_info of a loaded program (zeroes if unavailable)."""
         info = _BpfProgInfo()
         size = _c.c_uint32(_c.sizeof(info))
         fd = lib().so.bpf_program__fd(self._program(program))
         if fd < 0 or lib().so.bpf_obj_get_info_by_fd(fd, _c.byref(info), _c.byref(size)):
-            return 0
-        return info.recursion_misses
+            return _BpfProgInfo()
+        return info
+
+    def recursion_misses(self, program: str) -> int:
+        """Runs the kernel skipped because the program was already running on that CPU
+        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
+        return self._prog_info(program).recursion_misses
+
+    def run_stats(self, program: str) -> tuple[int, int]:
+        """(run_time_ns, run_cnt) of a program: counted only while the kernel's BPF
+        stats are on (sysctl kernel.bpf_stats_enabled=1), which itself costs time."""
+        info = self._prog_info(program)
+        return info.run_time_ns, info.run_cnt
 
     def map_fd(self, name: str) -> int:
         return lib().so.bpf_map__fd(self._map(name))

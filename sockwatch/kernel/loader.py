@@ -299,6 +299,13 @@ class Probes:
                 out[(records.DIRECTIONS[direction], records.LAYERS[layer], netns, ifindex)] = hist
         return out
 
+    def stack_program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each attached stack program (see BpfObject.run_stats):
+        what the per-packet hooks cost, for the benchmark."""
+        if self._stack_obj is None:
+            return {}
+        return {ln.program: self._stack_obj.run_stats(ln.program) for ln in self._stack_links}
+
     def interface_totals(self) -> dict[tuple[int, int], tuple[int, int, int, int, int]]:
         """(netns inode, ifindex) -> (rx_packets, rx_bytes, tx_packets, tx_bytes,
         driver_errors) since the stack probes started. Empty when they are off."""

@@ -21,7 +21,6 @@ exact for the maximum and a log4 bucket bound clipped by it for the p50.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kernel import daemon_util as du
 from tests.kernel.conftest import NetnsPair
+from tests.kernel.test_stack_latency import ifindex, netns_inode
 
 READ_DELAY = 0.2
 ACCEPT_DELAY = 0.2
@@ -73,12 +73,6 @@ def in_netns(ns: str, script: str, *args: object) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def ifindex(ns: str, dev: str) -> int:
-    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out)[0]["ifindex"]
-
-
 def layer(report: dict[str, Any], interface: str, direction: str, name: str) -> dict[str, Any]:
     found = [e for e in report["layers"] if (e["interface"], e["direction"], e["layer"])
              == (interface, direction, name)]
@@ -87,7 +81,9 @@ def layer(report: dict[str, Any], interface: str, direction: str, name: str) -> 
     return found[0]
 
 
-def check_report(report: dict[str, Any], pair: NetnsPair, labels: dict[str, str]) -> None:
+def check_report(report: dict[str, Any], sides: dict[str, tuple[str, int, int]]) -> None:
+    """``sides``: "a" (client) and "b" (server) -> (label, netns inode, ifindex) of the veth."""
+    labels = {side: label for side, (label, _ns, _index) in sides.items()}
     assert report["enabled"] is True
     server_rx = layer(report, labels["b"], "rx", "socket")
     assert server_rx["count"] >= REQUESTS
@@ -95,15 +91,13 @@ def check_report(report: dict[str, Any], pair: NetnsPair, labels: dict[str, str]
     assert server_rx["sum_seconds"] >= REQUESTS * (READ_DELAY - 0.01)
     client_rx = layer(report, labels["a"], "rx", "socket")
     assert client_rx["count"] >= REQUESTS and client_rx["p50_seconds"] < QUICK, client_rx
-    for side, ns, dev in (("a", pair.a, pair.veth_a), ("b", pair.b, pair.veth_b)):
-        (entry,) = [i for i in report["interfaces"] if i["interface"] == labels[side]]
-        assert entry["driver"] == "veth"
-        assert entry["netns"] == os.stat(f"/run/netns/{ns}").st_ino
-        assert entry["ifindex"] == ifindex(ns, dev)
+    for label, ns, index in sides.values():
+        (entry,) = [i for i in report["interfaces"] if i["interface"] == label]
+        assert (entry["driver"], entry["netns"], entry["ifindex"]) == ("veth", ns, index)
         # every request and answer crossed this link: at least one packet each way per request
         assert entry["tx_packets"] >= REQUESTS and entry["rx_packets"] >= REQUESTS, entry
         for direction, name in (("tx", "qdisc"), ("tx", "driver")):
-            assert layer(report, labels[side], direction, name)["count"] >= REQUESTS
+            assert layer(report, label, direction, name)["count"] >= REQUESTS
 
 
 def table_rows(daemon: du.Daemon, port: int, client_port: int) -> tuple[dict, dict]:
@@ -132,8 +126,9 @@ def daemon(tmp_path):
 
 def test_latency_views_against_delays(netns_pair: NetnsPair, daemon: du.Daemon, tmp_path):
     pair = netns_pair
-    labels = {side: f"{dev}@{os.stat(f'/run/netns/{ns}').st_ino}"
-              for side, ns, dev in (("a", pair.a, pair.veth_a), ("b", pair.b, pair.veth_b))}
+    sides = {side: (f"{dev}@{netns_inode(ns)}", netns_inode(ns), ifindex(ns, dev))
+             for side, ns, dev in (("a", pair.a, pair.veth_a), ("b", pair.b, pair.veth_b))}
+    labels = {side: label for side, (label, _ns, _index) in sides.items()}
     standalone = subprocess.Popen(du.sockwatch_cmd("latency", "--json", "--interval", "8"),
                                   cwd=du.ROOT, env=du.daemon_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
@@ -153,7 +148,7 @@ def test_latency_views_against_delays(netns_pair: NetnsPair, daemon: du.Daemon, 
         # the daemon: /api/latency, /metrics, and the live connection's summaries
         reply = daemon.get("/api/latency")
         assert reply.status == 200
-        check_report(reply.json(), pair, labels)
+        check_report(reply.json(), sides)
         families = {f.name: f for f in text_string_to_metric_families(daemon.metrics())}
         assert [s.value for s in families["sockwatch_stack_probes_enabled"].samples] == [1]
         buckets = {s.labels["le"]: s.value for s in families["sockwatch_stack_latency_seconds"].samples
@@ -180,9 +175,15 @@ def test_latency_views_against_delays(netns_pair: NetnsPair, daemon: du.Daemon, 
         assert ACCEPT_DELAY * 1e6 <= srv_row["accept_wait_us"] <= 5e6, srv_row
         assert cli_row["rcvq_wait_max_us"] is not None and cli_row["rcvq_wait_max_us"] < QUICK * 1e6
 
+        # the veth pair goes before the standalone run reports and before this read: the
+        # counters, keyed by index in the kernel, keep the names read while it existed
+        subprocess.run(["ip", "-n", pair.a, "link", "del", pair.veth_a], check=True)
+        names = {i["interface"] for i in daemon.get("/api/latency").json()["interfaces"]}
+        assert set(labels.values()) <= names
+
         out, err = standalone.communicate(timeout=30)
         assert standalone.returncode == 0, err
-        check_report(json.loads(out), pair, labels)
+        check_report(json.loads(out), sides)
     finally:
         for proc in (server, client):
             if proc is not None:

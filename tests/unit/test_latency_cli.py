@@ -205,6 +205,13 @@ def test_standalone_unknown_interface_fails_before_loading(monkeypatch, capsys):
     assert "no interface named 'nosuchif0'" in _one_error_line(capsys)
 
 
+def test_interface_without_stack_probes_fails_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli, "Monitor", lambda *a, **k: pytest.fail("probes loaded"))
+    assert cli.main(["latency", "--interface", "lo", "--no-stack-latency"]) == 2
+    assert "--no-stack-latency" in _one_error_line(capsys)
+
+
 def test_no_stack_latency_reaches_the_loader_config():
     args = cli.build_parser().parse_args(["table", "--latency", "--no-stack-latency"])
     assert args.latency and cli._loader_config(args).stack_latency is False

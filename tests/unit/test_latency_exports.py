@@ -26,13 +26,17 @@ from test_latency import hist, observe
 OTHER = 4026532777
 
 
-def setup(enabled: bool = True):
+LINKS = {1: ("lo", "loopback"), 2: ("veth1", "veth"), 3: ("veth2", "veth")}
+
+
+def setup(enabled: bool = True, links: dict | None = None):
+    """A monitor over fixed maps; every namespace holds ``links`` (at the time of reading)."""
     hists = [hist({}) for _ in range(HIST_COUNT)]
     hists[Hist.ACCEPT_QUEUE] = observe(200_000_000, 205_000_000)
     hists[Hist.HANDSHAKE_CLIENT] = observe(90_000)
     probes = FakeProbes(hists, {}, {}, enabled)
-    mon = monitor_over(probes, lambda ns: {1: ("lo", "loopback"), 2: ("veth1", "veth"),
-                                           3: ("veth2", "veth")})
+    links = LINKS if links is None else links
+    mon = monitor_over(probes, lambda ns: dict(links))
     own = mon.netns
     probes._stack = {
         ("rx", "socket", OTHER, 2): observe(200_000_000, 201_000_000),
@@ -57,6 +61,16 @@ def test_monitor_latency_names_interfaces_per_namespace():
         (f"veth2@{OTHER}", OTHER, "veth")]
     accept = next(e for e in rep["layers"] if e["layer"] == "accept_queue")
     assert accept["count"] == 2 and BOUNDS_S[17] < accept["p50_seconds"] <= BOUNDS_S[18]
+
+
+def test_names_learned_while_an_interface_existed_outlive_it():
+    links = dict(LINKS)
+    watched, _ = setup(links=links)
+    watched.name_interfaces()  # what reconcile() and the sampling loop do periodically
+    late, _ = setup(links=links)
+    links.clear()  # every veth deleted before anyone asked for a report
+    assert f"veth1@{OTHER}" in {i["interface"] for i in watched.latency()["interfaces"]}
+    assert f"if2@{OTHER}" in {i["interface"] for i in late.latency()["interfaces"]}
 
 
 def test_monitor_latency_with_stack_off_reads_no_stack_maps():
