@@ -304,15 +304,21 @@ def process_drilldown() -> db.Dashboard:
             "Accepts/s by port",
             "Connections the process accepted per second, by listening port. Bad: zero while "
             "clients report timeouts (its accept loop is stuck).",
-            "cps", (f"sum by (port) ({rate('sockwatch_accepts_total', PROC)})", "port {{port}}")))
+            "cps", (f"sum by (port) ({rate('sockwatch_accepts_total', PROC)})", "port {{port}}"),
+            w=8))
         .with_panel(series(
-            "Bytes/s and retransmits/s",
-            "Payload the process sent and received per second, and its retransmitted segments "
-            "per second (right axis scale is the same unit, count/s). Bad: retransmits above "
-            "zero for long, or traffic stopping while sockets stay open.",
-            "Bps", (bytes_rate("sent"), "sent B/s"),
-            (bytes_rate("received"), "received B/s"),
-            (f"sum({rate('sockwatch_retransmits_total', PROC)})", "retransmits/s")))
+            "Bytes/s",
+            "Payload the process sent and received per second (retransmissions counted once). "
+            "Bad: traffic stopping while its sockets stay open (a stuck peer or a stuck "
+            "process), or a rate pinned at a limit.",
+            "Bps", (bytes_rate("sent"), "sent"), (bytes_rate("received"), "received"), w=8))
+        .with_panel(series(
+            "Retransmits/s",
+            "TCP segments the process retransmitted per second (timeouts, fast retransmits "
+            "and tail-loss probes). Bad: sustained above zero on a LAN or loopback: loss, or "
+            "ACKs delayed past the retransmission timer.",
+            "short", (f"sum({rate('sockwatch_retransmits_total', PROC)})", "retransmits"),
+            w=8))
         .with_panel(tabled(
             "Peers (capped)",
             "The process's connections with the most payload sent, one row per local/remote "
