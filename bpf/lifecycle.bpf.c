@@ -81,6 +81,18 @@ struct {
 	__uint(max_entries, 4 << 20);	/* user space sets the configured size */
 } events SEC(".maps");
 
+/*
+ * The rescue ring: a record whose reservation in "events" failed goes here.
+ * Since 6.15 the ring buffer's lock gives up (and the reservation fails)
+ * after spinning too long, which happens on busy virtual machines when the
+ * vCPU holding it is descheduled, while the ring has plenty of room. The
+ * same trick as wprof's fallback ring buffer: another lock, another chance.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 << 10);	/* user space sets the configured size */
+} events_rescue SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SW_TRANSITIONS);
@@ -278,8 +290,12 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
-		return;
+		e = bpf_ringbuf_reserve(&events_rescue, sizeof(*e), 0);
+		if (!e) {
+			percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+			return;
+		}
+		percpu_inc(&stats, SW_STAT_RESCUED);
 	}
 	build_event(e, s, sk, c, now);
 	if (kind == SW_KIND_OPEN && s)

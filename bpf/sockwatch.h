@@ -51,9 +51,8 @@ enum sw_attrib {
 /* Counters of everything the kernel side could not deliver or keep. */
 enum sw_stat {
 	/*
-	 * Record lost: ring buffer reservation failed. Full, or (kernels with the
-	 * resilient ring buffer lock, 6.15+) nested on a CPU whose reservation
-	 * was interrupted by a softirq that emits too.
+	 * Record lost: reservation failed in both ring buffers. Full, or (kernels
+	 * with the resilient ring buffer lock, 6.15+) the lock timed out.
 	 */
 	SW_STAT_RINGBUF_FULL = 0,
 	SW_STAT_SOCKS_FULL = 1,		/* socket not tracked: socks map update failed */
@@ -63,7 +62,8 @@ enum sw_stat {
 	SW_STAT_LATE_CLOSE = 5,		/* close seen only at destroy: the transition was missed */
 	SW_STAT_STACK_HISTS_FULL = 6,	/* a stack latency not counted: stack_hists map full */
 	SW_STAT_IFACES_FULL = 7,	/* a packet not counted: ifaces map full */
-	SW_STAT_MAX = 8,
+	SW_STAT_RESCUED = 8,		/* record saved by the rescue ring (not a loss) */
+	SW_STAT_MAX = 9,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */

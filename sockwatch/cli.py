@@ -1,4 +1,4 @@
-"""Command line: ``sockwatch daemon | table | trace | latency | probes``.
+"""Command line: ``sockwatch daemon | table | top | trace | latency | probes``.
 
 Every failure reaches the user as one line on stderr and a non-zero status:
 2 for bad arguments, 1 for everything else (no privileges, missing BPF
@@ -28,6 +28,7 @@ from sockwatch.views import fields
 from sockwatch.views import latency as latency_view
 from sockwatch.views import probes as probes_view
 from sockwatch.views import table as table_view
+from sockwatch.views import top_screen
 from sockwatch.views import trace as trace_view
 from sockwatch.views.filters import Filter
 
@@ -44,6 +45,12 @@ EPILOG_TRACE = """examples:
   sockwatch trace                      connect/accept/listen/close/fail as they happen
   sockwatch trace --comm curl --json   one JSON object per line
   sockwatch trace --duration 10        stop after ten seconds
+"""
+EPILOG_TOP = """examples:
+  sockwatch top                        live view; keys are shown on screen, ? for help
+  sockwatch top --url http://127.0.0.1:9873   the same, from a running daemon
+  sockwatch top --once --view listeners        one frame to stdout, for a ticket
+  sockwatch top --once --json --pid 1234       one frame as JSON, with every socket
 """
 EPILOG_DAEMON = """examples:
   sockwatch daemon                                 config from /etc/sockwatch/sockwatch.toml if present
@@ -212,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
     tr.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
 
+    tp = sub.add_parser(
+        "top", parents=[kernel, filters, source], epilog=EPILOG_TOP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="live view by process: connections, rates, failures, latency",
+        description="Live terminal view: which process is making or taking connections, "
+        "failing them, moving bytes or waiting; drill down to its sockets.",
+    )
+    tp.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
+                    help="refresh period and rate window (default 2)")
+    tp.add_argument("--once", action="store_true",
+                    help="print one frame (rates over one interval) and exit")
+    tp.add_argument("--view", choices=top_screen.VIEWS, default="processes",
+                    help="the view to start in (connections: of --pid, or the busiest)")
+    tp.add_argument("--sort", metavar="COLUMN", help="column title to sort by, e.g. RX/s")
+    tp.add_argument("--filter", default="", metavar="TEXT",
+                    help="start with this filter: process, pid, user, port or address")
     lat = sub.add_parser(
         "latency", parents=[kernel, source], epilog=EPILOG_LATENCY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -311,23 +334,16 @@ def cmd_table(args: argparse.Namespace) -> int:
 def _trace_remote(args: argparse.Namespace, stop: threading.Event,
                   printer: trace_view.TracePrinter) -> None:
     client = DaemonClient(args.url, timeout=10)
+    flt = _filter(args)
     seq = client.get("/api/events", after=1 << 62)["seq"]  # start from now
     deadline = time.monotonic() + args.duration if args.duration else None
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         got = client.get("/api/events", after=seq, wait=1)
         seq = got["seq"]
-        events = [e for e in got["events"] if _matches_dict(e, args)]
+        events = [e for e in got["events"] if flt.dict_matches(e)]
         printer(events, args.count)
         if args.count and printer.printed >= args.count:
             return
-
-
-def _matches_dict(e: dict, args: argparse.Namespace) -> bool:
-    if args.pid and e["pid"] not in args.pid:
-        return False
-    if args.comm and args.comm.lower() not in (e["process"] or "").lower():
-        return False
-    return args.port is None or args.port in (e["local_port"], e["remote_port"])
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -361,6 +377,32 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if lost.ringbuf_full or lost.decode_errors:
             print(f"sockwatch: {lost.ringbuf_full} events lost (ring buffer full), "
                   f"{lost.decode_errors} malformed", file=sys.stderr)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from sockwatch.views import top, top_source  # curses only for this command
+
+    state = top_screen.UIState(view=args.view, filter=args.filter,
+                               interval=args.interval, pid=args.pid[0] if args.pid else None)
+    if args.sort:
+        titles = [c.title for c in top_screen.COLUMNS[args.view]]
+        match = [t for t in titles if t.lower() == args.sort.lower()]
+        if not match:
+            raise UsageError(f"top: --sort: no column {args.sort!r} in the {args.view} view "
+                             f"(one of: {', '.join(titles)})")
+        state.sort[args.view] = (match[0], True)
+    if not (args.once or args.json) and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("top: not a terminal: use --once or --json for scripts")
+    flt = _filter(args)
+    if args.url:
+        source: top_source.Source = top_source.RemoteSource(args.url, flt)
+    else:
+        source = top_source.LocalSource(_loader_config(args), flt)
+    try:
+        top.run(source, state, args.once, args.json)
+    finally:
+        source.close()
     return 0
 
 
@@ -450,7 +492,7 @@ def cmd_probes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "trace": cmd_trace,
+COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "top": cmd_top, "trace": cmd_trace,
             "latency": cmd_latency, "probes": cmd_probes}
 
 

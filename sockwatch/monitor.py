@@ -26,6 +26,7 @@ from sockwatch.tables import Connection, ConnTable
 
 MERGE_CHUNK = 2048  # snapshot rows applied per hold of the table lock
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
+UNOWNED_RETRY_S = 5.0  # before looking again for a socket no process held
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
 
 
@@ -77,6 +78,8 @@ class Monitor:
         self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
+        # (row key, alive since) -> when /proc may be walked again for its owner
+        self._unowned: dict[tuple[int, int], float] = {}
         self._objects_dir = objects_dir
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
@@ -255,19 +258,27 @@ class Monitor:
         with self.lock:
             live = self.table.live
             rows = live.items() if keys is None else ((k, live[k]) for k in keys if k in live)
-            need = [(key, row.tgid, records.ino_of(row.raw)) for key, row in rows
-                    if row.owner_is_guess or (fds and row.fd < 0)]
-        need = [n for n in need if n[2]]
+            need = [(key, row.tgid, records.ino_of(row.raw), row.alive_since_ns)
+                    for key, row in rows if row.owner_is_guess or (fds and row.fd < 0)]
+        now = time.monotonic()
+        # An unknown owner means walking all of /proc; one that was not found
+        # (an orphan, a kernel socket) waits before the next walk for it.
+        unowned = self._unowned
+        need = [n for n in need if n[2] and (n[1] or unowned.get((n[0], n[3]), 0) <= now)]
+        for gone in [k for k in unowned if k[0] not in self.table.live]:
+            del unowned[gone]
         if not need:
             return 0
-        guesses = any(tgid == 0 for _, tgid, _ in need)
-        owners = procfs.socket_owners(None if guesses else {t for _, t, _ in need},
+        guesses = any(n[1] == 0 for n in need)
+        owners = procfs.socket_owners(None if guesses else {n[1] for n in need},
                                       self._proc_root)
         names: dict[int, str] = {}
         named = 0
-        for key, tgid, ino in need:
+        for key, tgid, ino, since in need:
             holders = owners.get(ino)
             if not holders:
+                if not tgid:
+                    unowned[(key, since)] = now + UNOWNED_RETRY_S
                 continue
             pid, fd = next((h for h in holders if h[0] == tgid), holders[0])
             if pid not in names:

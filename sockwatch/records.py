@@ -63,6 +63,7 @@ class Stat(enum.IntEnum):
     LATE_CLOSE = 5
     STACK_HISTS_FULL = 6  # a stack latency not counted: stack_hists map full
     IFACES_FULL = 7  # a packet not counted in its interface's totals: ifaces map full
+    RESCUED = 8  # saved by the rescue ring: not a loss
 
 
 class Total(enum.IntEnum):

@@ -8,6 +8,7 @@ format outside it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 import time
@@ -158,8 +159,13 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             with monitor.lock:
                 conns = monitor.table.recently_closed()
         else:
-            monitor.sync()
-            conns = monitor.connections(refresh=False, where=flt.row_matches)
+            # refresh=1: walk the kernel first, for live byte counters as of now
+            # (what `sockwatch top --url` computes rates from); otherwise as of the
+            # last periodic walk.
+            fresh = req.query.get("refresh") in ("1", "true")
+            if not fresh:
+                monitor.sync()
+            conns = monitor.connections(refresh=fresh, where=flt.row_matches)
         now = time.monotonic_ns()
         rows = [fields.connection_dict(c, now) for c in conns if flt.matches(c.ev, c.tgid, c.comm)]
         return _json(rows)
@@ -199,6 +205,11 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             return _json({"error": "probes not attached"}, 503)
         return _json(monitor.latency())
 
+    def loss(req: Request) -> Response:
+        if monitor.probes is None:
+            return _json({"error": "probes not attached"}, 503)
+        return _json(dataclasses.asdict(monitor.loss()))
+
     def api_events(req: Request) -> Response:
         try:
             after = _int(req.query, "after", 0, 1 << 62) or 0
@@ -210,4 +221,4 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
 
     return {"/metrics": metrics, "/healthz": healthz, "/api/connections": connections,
             "/api/processes": processes, "/api/probes": probes, "/api/events": api_events,
-            "/api/latency": api_latency}
+            "/api/latency": api_latency, "/api/loss": loss}

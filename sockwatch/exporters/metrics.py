@@ -195,6 +195,10 @@ class SockwatchCollector(Collector):
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
                                   value=loss.decode_errors + counters.get("malformed", 0))
+        yield CounterMetricFamily(P + "rescued_records",
+                                  "Records the main ring buffer refused (its lock timed out) "
+                                  "that the rescue ring buffer took: delivered, not lost.",
+                                  value=kernel_stats[records.Stat.RESCUED])
         yield CounterMetricFamily(P + "untracked_closes",
                                   "Closes of sockets opened before sockwatch started (or evicted).",
                                   value=kernel_stats[records.Stat.UNTRACKED_CLOSE])

@@ -39,7 +39,7 @@ from sockwatch.kernel.libbpf import (
     read_percpu_u64_hash,
     release_freed_heap,
 )
-from sockwatch.kernel.ringbuf import RingReader
+from sockwatch.kernel.ringbuf import RingPair, RingReader
 from sockwatch.kernel import netns
 
 ATTACH_MODES = ("auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
@@ -91,6 +91,11 @@ _STACK_HOOKS = {
 UNAVAILABLE = "unavailable"
 # Maps the stack object shares with the lifecycle object (bpf/shared.bpf.h).
 _SHARED_MAPS = ("stats", "sock_stack")
+
+
+# Smallest rescue ring (a power of two, a few pages): it takes only the records
+# whose reservation failed in the main ring.
+RESCUE_RING_MIN = 16 << 10
 
 
 def default_objects_dir() -> Path:
@@ -243,8 +248,9 @@ class Probes:
         self.plan = plan
         self.features = feats
         self._snapshot_link = next(ln for ln in links if ln.program == SNAPSHOT_PROGRAM)
-        self.ring = RingReader(obj.map_fd("events"), obj.map_max_entries("events"),
-                               records.EVENT_SIZE)
+        self.ring = RingPair(*(RingReader(obj.map_fd(name), obj.map_max_entries(name),
+                                          records.EVENT_SIZE)
+                               for name in ("events", "events_rescue")))
         self._stats_fd = obj.map_fd("stats")
         self._transitions_fd = obj.map_fd("transitions")
         self._totals_fd = obj.map_fd("totals")
@@ -408,6 +414,7 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
             obj.set_autoload(name, name in chosen)
         obj.set_max_entries("socks", cfg.socks_max_entries)
         obj.set_max_entries("events", cfg.ringbuf_bytes)
+        obj.set_max_entries("events_rescue", max(cfg.ringbuf_bytes // 16, RESCUE_RING_MIN))
         obj.set_max_entries("sock_stack", cfg.socks_max_entries if cfg.stack_latency else 1)
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
         # wake the reader early once a quarter of the ring is in use

@@ -221,7 +221,7 @@ def nobody_can_run_python() -> None:
 @pytest.mark.parametrize("args", [
     ["table"], ["table", "--json"], ["table", "--closed"],
     ["trace", "--duration", "1"], ["trace", "--json"],
-    ["probes"], ["probes", "--json"],
+    ["probes"], ["probes", "--json"], ["top", "--once"], ["top", "--json"],
 ])
 def test_without_privileges_one_line(args, nobody_can_run_python):
     proc = sockwatch(*args, prefix=NOBODY)
@@ -247,6 +247,10 @@ BAD_ARGS = [
     ["trace", "--count", "0"],
     ["probes", "--attach", "nonsense"],
     ["probes", "--port", "80"],
+    ["top", "--interval", "0"],
+    ["top", "--view", "bogus"],
+    ["top", "--sort", "bogus"],
+    ["top"],  # not a terminal (stdout is a pipe here)
 ]
 
 
@@ -258,7 +262,7 @@ def test_bad_arguments_exit_2_in_one_line(args):
 
 
 @pytest.mark.parametrize("args", [["table"], ["table", "--json"], ["trace", "--duration", "1"],
-                                  ["probes"]])
+                                  ["probes"], ["top", "--once"]])
 def test_missing_bpf_objects_say_how_to_build(args, tmp_path):
     empty = tmp_path / "no-objects"
     empty.mkdir()
