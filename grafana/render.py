@@ -10,7 +10,7 @@ dashboard's own, run the way its panels run them (grafana.model.evaluate).
         --instance 127.0.0.1:9873 --process nginx --minutes 15 --out /tmp/dash
 
 tests/kernel/test_dashboards.py calls render() with SOCKWATCH_RENDER_DIR set.
-Needs matplotlib (pip install 'sockwatch[render]').
+Needs matplotlib (pip install '.[render]' in the checkout).
 """
 
 from __future__ import annotations
