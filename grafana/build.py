@@ -110,8 +110,10 @@ def heat(title: str, description: str, histogram: str, matchers: str = INST,
             .calculate(False).y_axis(heatmap.YAxisConfig().unit("s"))
             .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
             .cell_values(heatmap.CellValues().unit("ops"))
-            .color(heatmap.HeatmapColorOptions().scheme("Spectral").steps(64)
-                   .mode(heatmodel.HeatmapColorMode.SCHEME))
+            .color(heatmap.HeatmapColorOptions().mode(heatmodel.HeatmapColorMode.SCHEME)
+                   .scheme("Spectral").steps(64).fill("dark-orange")
+                   # latency distributions are skewed: Grafana's own default scale
+                   .scale(heatmodel.HeatmapColorScale.EXPONENTIAL).exponent(0.5))
             .span(w).height(8))
 
 
@@ -174,7 +176,11 @@ def dashboard(uid: str, title: str, description: str, variables: list[Any]) -> d
          .time("now-1h", "now").refresh("30s").timezone("browser")
          .tooltip(DashboardCursorSync.CROSSHAIR)
          .link(db.DashboardLink("sockwatch").type(DashboardLinkType.DASHBOARDS).tags([TAG])
-               .as_dropdown(True).include_vars(True).keep_time(True)))
+               .as_dropdown(True).include_vars(True).keep_time(True))
+         # Grafana's built-in annotations (alerts, manual notes), as every saved dashboard has
+         .annotation(db.AnnotationQuery().name("Annotations & Alerts").built_in(1).enable(True)
+                     .hide(True).icon_color("rgba(0, 211, 255, 1)").type("dashboard")
+                     .datasource(DataSourceRef(type_val="grafana", uid="-- Grafana --"))))
     for v in variables:
         d = d.with_variable(v)
     return d
