@@ -448,6 +448,8 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("soak.py: run as root (it loads BPF programs)", file=sys.stderr)
         return 2
+    # SIGTERM ends the soak early but still stops the daemons and the workload
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     report = run(args)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
