@@ -110,6 +110,14 @@ struct {
 	__type(value, __u64);
 } hists SEC(".maps");
 
+/* Lost records by namespace, kind and role (struct sw_lost_key); bounded, LRU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct sw_lost_key);
+	__type(value, __u64);
+} lost SEC(".maps");
+
 /* Scratch record for the iterator: too large for the 512-byte stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -242,6 +250,23 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 }
 
 /* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
+/* A record the ring buffer refused: count it, in total and by where it came from. */
+static __always_inline void count_lost(const struct sw_sock *s, const struct sock *sk, __u8 kind)
+{
+	struct sw_lost_key key = { .netns = sock_netns(sk), .kind = kind };
+	__u64 one = 1, *n;
+
+	percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+	if (s)
+		key.role = s->role;
+	n = bpf_map_lookup_elem(&lost, &key);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else if (bpf_map_update_elem(&lost, &key, &one, BPF_NOEXIST) &&
+		 (n = bpf_map_lookup_elem(&lost, &key)))
+		__sync_fetch_and_add(n, 1);	/* another CPU created it meanwhile */
+}
+
 static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 				 const struct counters *c, __u8 kind, __u8 result, int oldstate,
 				 int newstate, __u64 now)
@@ -250,7 +275,7 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+		count_lost(s, sk, kind);
 		return;
 	}
 	build_event(e, s, sk, c, now);

@@ -86,6 +86,18 @@ struct sw_total_key {
 	__u32 __pad;
 };
 
+/*
+ * Records the ring buffer refused, by where they came from: lets a test (or a
+ * container's owner) check "seen + lost = made" for its own namespace while
+ * the rest of the host loses records too. The total is SW_STAT_RINGBUF_FULL.
+ */
+struct sw_lost_key {
+	__u32 netns;			/* network namespace inode of the socket */
+	__u8 kind;			/* enum sw_kind */
+	__u8 role;			/* enum sw_role (0 when the socket was untracked) */
+	__u16 __pad;
+};
+
 /* Log2 histograms: slot k counts values <= 2^k microseconds; the last slot is the sum. */
 #define SW_HIST_SLOTS		29	/* bounds 1 us .. 2^27 us (134 s), then one slot for larger */
 #define SW_HIST_STRIDE		32	/* slots per histogram in the array, sum at [31] */

@@ -186,6 +186,7 @@ class Probes:
         self._transitions_fd = obj.map_fd("transitions")
         self._totals_fd = obj.map_fd("totals")
         self._hists_fd = obj.map_fd("hists")
+        self._lost_fd = obj.map_fd("lost")
         self.socks_capacity = obj.map_max_entries("socks")
 
     def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
@@ -215,6 +216,16 @@ class Probes:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
         raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)
         return {records.decode_total_key(k): int.from_bytes(v, "little") for k, v in raw.items()}
+
+    def lost_records(self) -> dict[tuple[int, records.Kind, records.Role], int]:
+        """Records the ring buffer refused, by (netns inode, kind, role): the
+        breakdown of Stat.RINGBUF_FULL that lets one namespace's loss be told apart."""
+        raw = read_hash(self._lost_fd, records.LOST_KEY.size, 8)
+        out = {}
+        for k, v in raw.items():
+            netns, kind, role = records.LOST_KEY.unpack(k)
+            out[(netns, records.Kind(kind), records.Role(role))] = int.from_bytes(v, "little")
+        return out
 
     def histograms(self) -> list[list[int]]:
         """Slot counts of each kernel histogram (enum sw_hist), sum in the last slot."""
