@@ -17,6 +17,7 @@ failed start leaves nothing behind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,19 @@ def _verifier_excerpt(log: list[str], tail: int = 25) -> str:
     return "\n".join(culprit[:1] + body)
 
 
+def load_object(obj: BpfObject) -> None:
+    """Load an opened object. A rejection names the program the verifier refused in
+    its first line and shows the end of that program's verifier log, where the
+    verdict is: enough to fix it without re-running under bpftool."""
+    try:
+        obj.load()
+    except LibbpfError as exc:
+        failed = re.search(r"prog '([^']+)': failed to load", "\n".join(exc.log))
+        head = (f"the kernel's verifier rejected program {failed.group(1)!r} of "
+                f"{os.path.basename(obj.path)} ({os.strerror(exc.err)})" if failed else str(exc))
+        raise AttachError(f"{head}\n{_verifier_excerpt(exc.log)}") from exc
+
+
 class Probes:
     """The attached lifecycle programs and the maps user space reads."""
 
@@ -287,10 +301,7 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
-        try:
-            obj.load()
-        except LibbpfError as exc:
-            raise AttachError(f"{exc}\n{_verifier_excerpt(exc.log)}") from exc
+        load_object(obj)
         for hook in plan.hooks:
             for program in hook.programs:
                 try:
