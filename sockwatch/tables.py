@@ -34,7 +34,7 @@ TASK_ATTRIBUTIONS = frozenset(
 )
 _OPEN, _CLOSE, _SNAPSHOT = Kind.OPEN, Kind.CLOSE, Kind.SNAPSHOT
 _KINDS = frozenset(Kind)
-_N_ROLES, _N_RESULTS = len(Role), len(Result)
+_N_ROLES, _N_RESULTS, _N_ATTRIBS = len(Role), len(Result), len(Attrib)
 _COMM = slice(records.COMM_OFFSET, records.COMM_OFFSET + records.COMM_LEN)
 _SIZE = records.EVENT_SIZE
 _hot = records.HOT.unpack_from
@@ -140,8 +140,11 @@ class ConnTable:
         self._apply(raw, 0)
 
     def _apply(self, blob: bytes, off: int) -> None:
+        if off < 0 or off + _SIZE > len(blob):
+            self.counters["malformed"] += 1  # a torn or misaddressed record
+            return
         h = _hot(blob, off)
-        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS:
+        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS or h[11] >= _N_ATTRIBS:
             self.counters["malformed"] += 1  # never from our kernel side; counted, not fatal
             return
         raw = blob[off : off + _SIZE] if off or len(blob) != _SIZE else blob
@@ -224,7 +227,8 @@ class ConnTable:
         """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
         seen = set()
         for raw in rows:
-            seen.add(_hot(raw)[1])
+            if len(raw) == _SIZE:
+                seen.add(_hot(raw)[1])
             self._apply(raw, 0)
         return seen
 
