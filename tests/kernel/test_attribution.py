@@ -666,3 +666,95 @@ def test_unavailable_mode_fails_fast_and_cleanly(mode):
             assert mine == [], f"programs still held by this process: {mine}"
     finally:
         mon.close()
+
+
+# -- 5. pid reuse ----------------------------------------------------------------------------
+def _fork_at(pid: int, child) -> int | None:
+    """Fork ``child`` as process ``pid`` (ns_last_pid, as CRIU does); None if another
+    fork on the host took that pid first (the stray child is reaped)."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    got = os.fork()
+    if got == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            if os.getpid() == pid:
+                child()
+                code = 0
+        finally:
+            os._exit(code)
+    if got != pid:
+        os.waitpid(got, 0)
+        return None
+    return got
+
+
+def _reusable_pid() -> int:
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    return next(p for p in range(top - 2, 300, -1) if not os.path.exists(f"/proc/{p}"))
+
+
+def test_pid_reuse_keeps_connections_and_process_names_apart():
+    """Process A connects and exits; process B gets A's pid and connects too. A's
+    closed connection keeps A's name, B's live one gets B's name and fd, and the
+    process cache (keyed by pid and start time) does not hand B A's identity."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def run_child(name: bytes, go_r: int, out_w: int) -> None:
+        LIBC.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(name[-1:])
+        os.write(out_w, f"{s.fileno()}\n".encode())
+        os.read(go_r, 1)  # until the parent says go (or dies)
+        s.close()
+
+    with Monitor(LoaderConfig(ringbuf_bytes=RING_BYTES), closed_capacity=1 << 20) as mon:
+        seen = {}
+        for name in (b"swreuse-a", b"swreuse-b"):
+            go_r, go_w = os.pipe()
+            out_r, out_w = os.pipe()
+            pid = seen.get(b"swreuse-a", (None,))[0]
+            for _ in range(50):
+                target = pid or _reusable_pid()
+                child = _fork_at(target, lambda: run_child(name, go_r, out_w))
+                if child:
+                    break
+            else:
+                pytest.skip("the host forks too fast to reuse a pid on purpose")
+            os.close(out_w)
+            fd = int(os.read(out_r, 16).split()[0])
+            acc, _ = srv.accept()
+            assert acc.recv(1) == name[-1:]
+            mon.sync()
+            info = mon.processes.lookup(child)
+            conns = [c for c in mon.connections() if c.ev.dport == port and c.tgid == child]
+            seen[name] = (child, fd, info, conns)
+            if name == b"swreuse-a":  # A exits; its connection closes
+                os.write(go_w, b"x")
+                os.waitpid(child, 0)
+                acc.close()
+                mon.sync()
+            else:
+                closed = [c for c in mon.table.recently_closed()
+                          if c.tgid == child and c.ev.dport == port]
+                os.write(go_w, b"x")
+                os.waitpid(child, 0)
+                acc.close()
+            for p in (go_r, go_w, out_r):
+                os.close(p)
+        totals = {(k.comm, k.what.name): v for k, v in mon.probes.totals().items()
+                  if k.comm.startswith("swreuse-") and k.what.name in ("CONNECT", "SENT_BYTES")}
+    srv.close()
+
+    (pid_a, fd_a, info_a, conns_a), (pid_b, fd_b, info_b, conns_b) = (
+        seen[b"swreuse-a"], seen[b"swreuse-b"])
+    assert pid_a == pid_b  # the pid really was reused
+    assert info_a.name == "swreuse-a" and info_b.name == "swreuse-b"
+    assert info_a.start_time != info_b.start_time
+    assert [(c.comm, c.fd) for c in conns_a] == [("swreuse-a", fd_a)]
+    assert [(c.comm, c.fd) for c in conns_b] == [("swreuse-b", fd_b)]
+    assert [c.comm for c in closed] == ["swreuse-a"]  # A's closed row keeps A's name
+    assert totals == {("swreuse-a", "CONNECT"): 1, ("swreuse-b", "CONNECT"): 1,
+                      ("swreuse-a", "SENT_BYTES"): 1, ("swreuse-b", "SENT_BYTES"): 1}
