@@ -819,7 +819,7 @@ def render(s: dict, warnings: list[str]) -> str:
     row("daemon peak RSS (ru_maxrss, max over runs)", f"{e['peak_rss_mb']:.1f} MB",
         f"<= {TARGET_RSS_MB:.0f} MB", e["peak_rss_mb"] <= TARGET_RSS_MB,
         f"after start {e['rss_after_start_mb']:.1f} MB (anon {e['rss_anon_after_start_mb']:.1f}, "
-        f"file-backed {e['rss_file_after_start_mb']:.1f} incl. the ring buffer, mapped twice)")
+        f"file-backed {e['rss_file_after_start_mb']:.1f} incl. the ring buffers)")
     row(f"start to full table ({e['hold_expected']} held sockets)",
         f"{e['start_s_median_expected_table']:.3f} s", f"<= {TARGET_START_S}",
         e["start_s_median_expected_table"] <= TARGET_START_S and e["hold_all_seen"],

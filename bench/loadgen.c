@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Load generator for bench/connections.py. Compiled by the script with
+ * Load generator for bench/connections.py and bench/stack.py. Compiled by the script with
  * `gcc -O2`; every mode is bounded in time or by its parent and stops by
  * itself. Results go to stdout as one JSON line.
  *
@@ -20,6 +20,20 @@
  *       Opens N loopback connections (2N sockets plus a listener) and keeps
  *       them until stdin reaches EOF: the pre-existing connections a starting
  *       monitor must find.
+ *
+ *   loadgen serve PORT SIZE
+ *       Listens on 0.0.0.0:PORT, prints {"ready": true}, accepts one
+ *       connection. SIZE 0: reads until EOF (bulk sink); else answers every
+ *       SIZE-byte message with SIZE bytes until EOF (ping-pong echo). Prints
+ *       the bytes it read.
+ *
+ *   loadgen bulk HOST PORT SECONDS
+ *       Connects and writes 64 KiB at a time for SECONDS; prints bytes and
+ *       bytes/s.
+ *
+ *   loadgen pingpong HOST PORT SIZE SECONDS
+ *       Connects (TCP_NODELAY), then sends SIZE bytes and waits for SIZE back,
+ *       for SECONDS; prints round trips and round trips/s.
  *
  * Who closes first (conn mode): the SERVER. It writes its byte and closes;
  * the client reads the byte, then reads on until EOF (the server's FIN) and
@@ -319,6 +333,103 @@ static int mode_hold(int n)
 	return 0;
 }
 
+static int connect_to(const char *host, int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+	int one = 1;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	if (fd < 0 || inet_pton(AF_INET, host, &a.sin_addr) != 1 ||
+	    connect(fd, (struct sockaddr *)&a, sizeof(a)))
+		die("connect");
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return fd;
+}
+
+/* Read exactly @n bytes; false on EOF or error. */
+static int read_full(int fd, char *buf, size_t n)
+{
+	size_t got = 0;
+
+	while (got < n) {
+		ssize_t r = read(fd, buf + got, n - got);
+
+		if (r <= 0)
+			return 0;
+		got += r;
+	}
+	return 1;
+}
+
+static int mode_serve(int port, int size)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+	static char buf[1 << 16];
+	unsigned long long total = 0;
+	int one = 1, lfd, c;
+	ssize_t r;
+
+	lfd = socket(AF_INET, SOCK_STREAM, 0);
+	setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, sizeof(a)) || listen(lfd, 4))
+		die("serve bind/listen");
+	printf("{\"ready\": true}\n");
+	fflush(stdout);
+	c = accept(lfd, NULL, NULL);
+	if (c < 0)
+		die("serve accept");
+	setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (size <= 0 || size > (int)sizeof(buf)) {
+		while ((r = read(c, buf, sizeof(buf))) > 0)
+			total += r;
+	} else {
+		while (read_full(c, buf, size) && write(c, buf, size) == size)
+			total += size;
+	}
+	printf("{\"mode\": \"serve\", \"bytes\": %llu}\n", total);
+	return 0;
+}
+
+static int mode_bulk(const char *host, int port, double seconds)
+{
+	static char buf[1 << 16];
+	unsigned long long total = 0;
+	int fd = connect_to(host, port);
+	double t0 = now(), t1;
+	ssize_t w;
+
+	while ((t1 = now()) < t0 + seconds) {
+		w = write(fd, buf, sizeof(buf));
+		if (w <= 0)
+			die("bulk write");
+		total += w;
+	}
+	close(fd);
+	printf("{\"mode\": \"bulk\", \"seconds\": %.6f, \"bytes\": %llu, \"rate\": %.1f}\n",
+	       t1 - t0, total, total / (t1 - t0));
+	return 0;
+}
+
+static int mode_pingpong(const char *host, int port, int size, double seconds)
+{
+	static char buf[1 << 16];
+	unsigned long long rounds = 0;
+	int fd = connect_to(host, port);
+	double t0 = now(), t1;
+
+	if (size <= 0 || size > (int)sizeof(buf))
+		die("pingpong size");
+	while ((t1 = now()) < t0 + seconds) {
+		if (write(fd, buf, size) != size || !read_full(fd, buf, size))
+			die("pingpong");
+		rounds++;
+	}
+	close(fd);
+	printf("{\"mode\": \"pingpong\", \"seconds\": %.6f, \"rounds\": %llu, \"rate\": %.1f}\n",
+	       t1 - t0, rounds, rounds / (t1 - t0));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -328,7 +439,14 @@ int main(int argc, char **argv)
 		return mode_getpid(atof(argv[2]));
 	if (argc == 3 && !strcmp(argv[1], "hold"))
 		return mode_hold(atoi(argv[2]));
-	fprintf(stderr, "usage: %s conn CLIENTS SERVERS SECONDS | getpid SECONDS | hold N\n",
+	if (argc == 4 && !strcmp(argv[1], "serve"))
+		return mode_serve(atoi(argv[2]), atoi(argv[3]));
+	if (argc == 5 && !strcmp(argv[1], "bulk"))
+		return mode_bulk(argv[2], atoi(argv[3]), atof(argv[4]));
+	if (argc == 6 && !strcmp(argv[1], "pingpong"))
+		return mode_pingpong(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]));
+	fprintf(stderr, "usage: %s conn CLIENTS SERVERS SECONDS | getpid SECONDS | hold N | "
+		"serve PORT SIZE | bulk HOST PORT SECONDS | pingpong HOST PORT SIZE SECONDS\n",
 		argv[0]);
 	return 2;
 }

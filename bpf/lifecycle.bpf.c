@@ -20,6 +20,7 @@
 #include <bpf/bpf_endian.h>
 #include "sockwatch.h"
 #include "maps.bpf.h"
+#include "shared.bpf.h"
 #include "core_fixes.bpf.h"
 
 #define AF_INET		2
@@ -80,12 +81,17 @@ struct {
 	__uint(max_entries, 4 << 20);	/* user space sets the configured size */
 } events SEC(".maps");
 
+/*
+ * The rescue ring: a record whose reservation in "events" failed goes here.
+ * Since 6.15 the ring buffer's lock gives up (and the reservation fails)
+ * after spinning too long, which happens on busy virtual machines when the
+ * vCPU holding it is descheduled, while the ring has plenty of room. The
+ * same trick as wprof's fallback ring buffer: another lock, another chance.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, SW_STAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 << 10);	/* user space sets the configured size */
+} events_rescue SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -202,6 +208,32 @@ static __always_inline void read_counters(struct counters *c, const struct sock 
 }
 
 /*
+ * Median receive-queue wait from the socket's log4 slots: the upper bound of
+ * the slot holding the middle wait, clipped by the exact maximum.
+ */
+static __always_inline __u64 rcvq_p50(const struct sw_stack_sock *q)
+{
+	__u32 total = 0, seen = 0;
+	int k;
+
+#pragma unroll
+	for (k = 0; k < SW_RCVQ_SLOTS; k++)
+		total += q->rcvq_slots[k];
+	if (!total)
+		return 0;
+#pragma unroll
+	for (k = 0; k < SW_RCVQ_SLOTS - 1; k++) {
+		seen += q->rcvq_slots[k];
+		if (2 * seen >= total) {
+			__u64 bound = (1ULL << (2 * k)) * 1000;
+
+			return bound < q->rcvq_max_ns ? bound : q->rcvq_max_ns;
+		}
+	}
+	return q->rcvq_max_ns;
+}
+
+/*
  * Fill everything but the kind from @s (may be NULL), the sock itself and, when
  * given, its counters (an OPEN has none worth reading yet).
  */
@@ -209,6 +241,9 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 					const struct sock *sk, const struct counters *c,
 					__u64 now)
 {
+	const struct sw_stack_sock *q;
+	__u64 key = (__u64)sk;
+
 	__builtin_memset(e, 0, sizeof(*e));
 	if (s) {
 		__builtin_memcpy(&e->sock, s, sizeof(*s));
@@ -247,9 +282,13 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 	}
 	if (s && s->role == SW_ROLE_LISTENER)
 		e->listen_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	q = bpf_map_lookup_elem(&sock_stack, &key);
+	if (q) {
+		e->rcvq_wait_p50_ns = rcvq_p50(q);
+		e->rcvq_wait_max_ns = q->rcvq_max_ns;
+	}
 }
 
-/* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
 /* A record the ring buffer refused: count it, in total and by where it came from. */
 static __always_inline void count_lost(const struct sw_sock *s, const struct sock *sk, __u8 kind)
 {
@@ -267,6 +306,7 @@ static __always_inline void count_lost(const struct sw_sock *s, const struct soc
 		__sync_fetch_and_add(n, 1);	/* another CPU created it meanwhile */
 }
 
+/* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
 static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 				 const struct counters *c, __u8 kind, __u8 result, int oldstate,
 				 int newstate, __u64 now)
@@ -275,8 +315,12 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
-		count_lost(s, sk, kind);
-		return;
+		e = bpf_ringbuf_reserve(&events_rescue, sizeof(*e), 0);
+		if (!e) {
+			count_lost(s, sk, kind);
+			return;
+		}
+		percpu_inc(&stats, SW_STAT_RESCUED);
 	}
 	build_event(e, s, sk, c, now);
 	if (kind == SW_KIND_OPEN && s)
@@ -298,16 +342,10 @@ static __always_inline void add_total(const char *comm, __u8 what, __u8 result, 
 
 	if (comm)
 		__builtin_memcpy(key.comm, comm, sizeof(key.comm));
-	slot = bpf_map_lookup_elem(&totals, &key);
+	slot = lookup_or_init(&totals, &key, &zero);
 	if (!slot) {
-		if (bpf_map_update_elem(&totals, &key, &zero, BPF_NOEXIST) &&
-		    !bpf_map_lookup_elem(&totals, &key)) {
-			percpu_inc(&stats, SW_STAT_TOTALS_FULL);
-			return;
-		}
-		slot = bpf_map_lookup_elem(&totals, &key);
-		if (!slot)
-			return;
+		percpu_inc(&stats, SW_STAT_TOTALS_FULL);
+		return;
 	}
 	__sync_fetch_and_add(slot, val);
 }
@@ -334,17 +372,29 @@ static __always_inline void account_close(const struct sw_sock *s, const struct 
 				s->open_ns, now);
 }
 
-/* A task has shown it owns accepted socket @s: attribute it and announce it. */
+/*
+ * A task has shown it owns accepted socket @s: attribute it and announce it.
+ * @now is when accept() returned (syscall exit, fexit) or, with the default
+ * first-use attribution, the end of the first send/recv/close by the owner:
+ * accept() returned before that, so the accept-queue wait is an upper bound
+ * there (a server that blocks in recv() right after accept() adds the time
+ * until data arrives).
+ */
 static __always_inline void claim_accepted(struct sw_sock *s, const struct sock *sk,
 					   __u8 attrib, __u64 now)
 {
+	__u64 established = s->state_ns[TCP_ESTABLISHED];
+
 	if (s->role != SW_ROLE_SERVER || (s->flags & SW_FLAG_OPEN_SENT))
 		return;
 	set_owner(s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
 	add_total(s->comm, SW_TOTAL_ACCEPT, 0, BPF_CORE_READ(sk, __sk_common.skc_num), 1);
-	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV],
-			s->state_ns[TCP_ESTABLISHED]);
+	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV], established);
+	if (established && now >= established) {
+		s->accept_wait_ns = now - established;
+		hist_observe(&hists, SW_HIST_ACCEPT_QUEUE, s->accept_wait_ns);
+	}
 	emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
 }
 
@@ -459,6 +509,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 				     oldstate, newstate, now);
 			if (oldstate != TCP_SYN_SENT)
 				account_close(NULL, &c, now);
+			bpf_map_delete_elem(&sock_stack, &key);
 		}
 		return 0;
 	}
@@ -493,6 +544,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		else if (s->role != SW_ROLE_LISTENER)
 			account_close(s, &c, now);
 		bpf_map_delete_elem(&socks, &key);
+		bpf_map_delete_elem(&sock_stack, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
 				.netns = sock_netns(sk),
@@ -724,6 +776,7 @@ static __always_inline int handle_destroy(const struct sock *sk)
 	if (s->role != SW_ROLE_LISTENER)
 		account_close(s, &c, bpf_ktime_get_ns());
 	bpf_map_delete_elem(&socks, &key);
+	bpf_map_delete_elem(&sock_stack, &key);
 	return 0;
 }
 

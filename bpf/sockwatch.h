@@ -51,9 +51,8 @@ enum sw_attrib {
 /* Counters of everything the kernel side could not deliver or keep. */
 enum sw_stat {
 	/*
-	 * Record lost: ring buffer reservation failed. Full, or (kernels with the
-	 * resilient ring buffer lock, 6.15+) nested on a CPU whose reservation
-	 * was interrupted by a softirq that emits too.
+	 * Record lost: reservation failed in both ring buffers. Full, or (kernels
+	 * with the resilient ring buffer lock, 6.15+) the lock timed out.
 	 */
 	SW_STAT_RINGBUF_FULL = 0,
 	SW_STAT_SOCKS_FULL = 1,		/* socket not tracked: socks map update failed */
@@ -61,7 +60,10 @@ enum sw_stat {
 	SW_STAT_SUPPRESSED_CLOSE = 3,	/* close record dropped on purpose (test switch) */
 	SW_STAT_TOTALS_FULL = 4,	/* a total not counted: totals map full */
 	SW_STAT_LATE_CLOSE = 5,		/* close seen only at destroy: the transition was missed */
-	SW_STAT_MAX = 6,
+	SW_STAT_STACK_HISTS_FULL = 6,	/* a stack latency not counted: stack_hists map full */
+	SW_STAT_IFACES_FULL = 7,	/* a packet not counted: ifaces map full */
+	SW_STAT_RESCUED = 8,		/* record saved by the rescue ring (not a loss) */
+	SW_STAT_MAX = 9,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */
@@ -108,7 +110,74 @@ enum sw_hist {
 	SW_HIST_HANDSHAKE_SERVER = 1,	/* SYN_RECV -> ESTABLISHED */
 	SW_HIST_LIFETIME_CLIENT = 2,	/* first state -> CLOSE */
 	SW_HIST_LIFETIME_SERVER = 3,
-	SW_HIST_MAX = 4,
+	SW_HIST_ACCEPT_QUEUE = 4,	/* ESTABLISHED -> returned by accept() (see claim_accepted) */
+	SW_HIST_MAX = 5,
+};
+
+/*
+ * Per-layer stack latency (bpf/stack.bpf.c): one histogram per direction,
+ * layer and interface, in the stack_hists per-CPU hash.
+ */
+enum sw_dir {
+	SW_DIR_TX = 0,
+	SW_DIR_RX = 1,
+};
+
+enum sw_layer {
+	SW_LAYER_TCP = 0,	/* tx: write enters TCP -> leaves it; rx: TCP -> sk_data_ready */
+	SW_LAYER_QDISC = 1,	/* tx: net_dev_queue -> net_dev_start_xmit */
+	SW_LAYER_DRIVER = 2,	/* tx: start_xmit -> net_dev_xmit; rx: netif_receive_skb -> TCP */
+	SW_LAYER_SOCKET = 3,	/* rx: sk_data_ready -> the application's read */
+};
+
+struct sw_hist_key {
+	__u32 netns;			/* network namespace inode of the interface */
+	__u32 ifindex;
+	__u8 dir;			/* enum sw_dir */
+	__u8 layer;			/* enum sw_layer */
+	__u16 __pad;
+};
+
+/* Per-interface totals (ifaces per-CPU hash, keyed like sw_hist_key without dir/layer). */
+struct sw_iface_key {
+	__u32 netns;
+	__u32 ifindex;
+};
+
+struct sw_iface {
+	__u64 rx_packets;		/* skbs at netif_receive_skb, as the driver counts them */
+	__u64 rx_bytes;			/* including the link-layer header, as the driver counts */
+	__u64 tx_packets;		/* skbs the driver accepted (net_dev_xmit rc == 0) */
+	__u64 tx_bytes;
+	__u64 driver_errors;		/* net_dev_xmit with rc != 0 */
+};
+
+/*
+ * Receive-queue wait summary per socket: saturating log4 counters. Slot k
+ * counts waits of at most 4^k microseconds (slot 15: larger). Sixteen 16-bit
+ * slots (32 bytes) span 1 us .. 268 s at a factor of 4: coarse, but the p50
+ * it yields is clipped by the exact maximum, and a factor-4 bucket still tells
+ * an idle reader (ms) from a busy one (us). When a slot would overflow every
+ * slot is halved, which keeps the proportions (and so the median).
+ */
+#define SW_RCVQ_SLOTS		16
+
+/*
+ * What the stack programs keep per socket (sock_stack LRU hash, shared by the
+ * lifecycle and stack objects: lifecycle summarises it into every record).
+ * One sampled byte per direction is followed at a time, identified by its TCP
+ * sequence number, so the wait measured is exact for that byte however many
+ * writes or reads it spans.
+ */
+struct sw_stack_sock {
+	__u64 rcvq_since_ns;		/* sampled received byte queued at; 0: none */
+	__u64 rcvq_max_ns;		/* longest receive-queue wait seen */
+	__u64 tx_since_ns;		/* sampled written byte entered TCP at; 0: none */
+	__u32 rcvq_seq;			/* last byte queued at sampling: read once copied_seq passes it */
+	__u32 tx_seq;			/* first byte of the sampled write: left TCP in the segment carrying it */
+	__u32 rx_netns;			/* where the socket's data last arrived (netns, ifindex) */
+	__u32 rx_ifindex;
+	__u16 rcvq_slots[SW_RCVQ_SLOTS];
 };
 
 /* What the kernel keeps per socket (value of the socks LRU map). */
@@ -128,6 +197,12 @@ struct sw_sock {
 	__u32 uid;
 	__u64 state_ns[SW_TCP_STATES];	/* first entry into each state, CLOCK_MONOTONIC */
 	char comm[SW_COMM_LEN];		/* captured at the event: short-lived tasks stay named */
+	/*
+	 * ESTABLISHED -> accept() returned; 0: unknown. Exact with the accept
+	 * syscall hook (precise accept); otherwise measured at the first use by the
+	 * owning task, an upper bound (accept() returns before its first use).
+	 */
+	__u64 accept_wait_ns;
 };
 
 /* One record: OPEN, CLOSE or SNAPSHOT. */
@@ -162,6 +237,9 @@ struct sw_event {
 	__u8 __pad[5];
 	__u8 saddr[16];			/* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
+	/* Receive-queue wait of this socket (stack probes on; 0: unknown). */
+	__u64 rcvq_wait_p50_ns;		/* median, from sw_stack_sock.rcvq_slots */
+	__u64 rcvq_wait_max_ns;
 };
 
 #endif /* __SOCKWATCH_H */

@@ -27,7 +27,8 @@ fi
 PACKAGES=(clang llvm make libbpf1 libbpf-dev bpftool iproute2 python3 python3-venv python3-pip)
 # What the kernel tests drive besides sockwatch (Prometheus they install themselves,
 # with its service kept from starting).
-[ $WITH_TESTS -eq 1 ] && PACKAGES+=(strace openssl util-linux)
+# tmux is the real terminal the `sockwatch top` tests drive.
+[ $WITH_TESTS -eq 1 ] && PACKAGES+=(strace openssl util-linux tmux)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,4 +1,4 @@
-"""Command line: ``sockwatch daemon | table | trace | probes``.
+"""Command line: ``sockwatch daemon | table | top | trace | latency | probes``.
 
 Every failure reaches the user as one line on stderr and a non-zero status:
 2 for bad arguments, 1 for everything else (no privileges, missing BPF
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,8 +25,10 @@ from sockwatch.errors import NotPrivilegedError, SockwatchError, UsageError
 from sockwatch.kernel import features, loader
 from sockwatch.monitor import Monitor
 from sockwatch.views import fields
+from sockwatch.views import latency as latency_view
 from sockwatch.views import probes as probes_view
 from sockwatch.views import table as table_view
+from sockwatch.views import top_screen
 from sockwatch.views import trace as trace_view
 from sockwatch.views.filters import Filter
 
@@ -36,17 +39,38 @@ EPILOG_TABLE = """examples:
   sockwatch table --state established --port 443
   sockwatch table --pid 1234 --json    one process, as JSON
   sockwatch table --closed             recently closed connections, with results
+  sockwatch table --latency            with receive-queue wait, accept wait, handshake
 """
 EPILOG_TRACE = """examples:
   sockwatch trace                      connect/accept/listen/close/fail as they happen
   sockwatch trace --comm curl --json   one JSON object per line
   sockwatch trace --duration 10        stop after ten seconds
 """
+EPILOG_TOP = """examples:
+  sockwatch top                        live view; keys are shown on screen, ? for help
+  sockwatch top --url http://127.0.0.1:9873   the same, from a running daemon
+  sockwatch top --once --view listeners        one frame to stdout, for a ticket
+  sockwatch top --once --json --pid 1234       one frame as JSON, with every socket
+"""
 EPILOG_DAEMON = """examples:
   sockwatch daemon                                 config from /etc/sockwatch/sockwatch.toml if present
   sockwatch daemon --config ./sockwatch.toml --check-config
   sockwatch daemon --listen 0.0.0.0:9873           expose /metrics beyond localhost
   sockwatch daemon --print-example-config > /etc/sockwatch/sockwatch.toml
+"""
+EPILOG_LATENCY = """examples:
+  sockwatch latency                    attach, sample 5 s, print each layer per interface
+  sockwatch latency --interval 30 --interface eth0
+  sockwatch latency --json             the shape of the daemon's /api/latency
+  sockwatch latency --url http://127.0.0.1:9873   since a running daemon started
+
+layers (one line each: count, p50, p99, and a bar over the log2 buckets):
+  connections  handshake client/server, accept queue (established -> accept()),
+               lifetime client/server
+  tx           tcp (write -> leaves TCP), qdisc (queued -> to driver),
+               driver (driver start -> transmitted)
+  rx           driver (received -> TCP), tcp (TCP -> socket queue),
+               socket (socket queue -> read())
 """
 EPILOG_PROBES = """examples:
   sockwatch probes                     kernel facts and the variant chosen per hook
@@ -103,6 +127,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _interface(text: str) -> str:
+    """An interface name (at most 15 bytes, as the kernel's IFNAMSIZ allows), optionally
+    ``@<netns inode>`` as the latency report names interfaces of other namespaces."""
+    name, at, ns = text.partition("@")
+    if not name or len(name.encode()) > 15 or any(c.isspace() or c == "/" for c in name):
+        raise argparse.ArgumentTypeError(f"not an interface name: {text!r}")
+    if at and not ns.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME@<netns inode>, not {text!r}")
+    return text
+
+
 def _state(text: str) -> str:
     name = fields.normalize_state(text)
     if name is None:
@@ -131,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hook the accept syscall exit for exact fds of accepted sockets "
         "(costs a little on every syscall of every task)",
+    )
+    g.add_argument(
+        "--no-stack-latency",
+        action="store_true",
+        help="leave out the per-packet probes (per-interface stack latency, receive-queue "
+        "wait): cheaper; connection-level histograms stay",
     )
 
     filters = argparse.ArgumentParser(add_help=False)
@@ -165,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recently closed connections instead of live ones")
     t.add_argument("--watch", type=_positive_float, metavar="SECONDS",
                    help="keep watching this long before printing (fills --closed)")
+    t.add_argument("--latency", action="store_true",
+                   help="add receive-queue wait (p50, max), accept-queue wait and handshake "
+                   "columns")
 
     tr = sub.add_parser(
         "trace", parents=[kernel, filters, source], epilog=EPILOG_TRACE,
@@ -174,6 +218,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long")
     tr.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
+
+    tp = sub.add_parser(
+        "top", parents=[kernel, filters, source], epilog=EPILOG_TOP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="live view by process: connections, rates, failures, latency",
+        description="Live terminal view: which process is making or taking connections, "
+        "failing them, moving bytes or waiting; drill down to its sockets.",
+    )
+    tp.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
+                    help="refresh period and rate window (default 2)")
+    tp.add_argument("--once", action="store_true",
+                    help="print one frame (rates over one interval) and exit")
+    tp.add_argument("--view", choices=top_screen.VIEWS, default="processes",
+                    help="the view to start in (connections: of --pid, or the busiest)")
+    tp.add_argument("--sort", metavar="COLUMN", help="column title to sort by, e.g. RX/s")
+    tp.add_argument("--filter", default="", metavar="TEXT",
+                    help="start with this filter: process, pid, user, port or address")
+    lat = sub.add_parser(
+        "latency", parents=[kernel, source], epilog=EPILOG_LATENCY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="per-layer latency along the kernel path, per interface",
+        description="Where the time goes between write() and the wire and between the wire "
+        "and read(): log2 histograms per layer, measured in the kernel. Standalone it "
+        "attaches and samples for --interval; with --url it reads a daemon's histograms "
+        "(counted since it started).",
+    )
+    lat.add_argument("--json", action="store_true",
+                     help="machine-readable output (the daemon's /api/latency shape)")
+    lat.add_argument("--interface", type=_interface, metavar="NAME",
+                     help="only this interface's layers and totals (NAME matches in every "
+                     "namespace, NAME@<netns inode> in one)")
+    lat.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS",
+                     help="how long to sample when attaching (default 5; Ctrl-C prints early)")
 
     d = sub.add_parser(
         "daemon", epilog=EPILOG_DAEMON, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -190,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attach", choices=loader.ATTACH_MODES, help="overrides probes.attach")
     d.add_argument("--precise-accept", action="store_true", default=None,
                    help="overrides probes.precise_accept")
+    d.add_argument("--no-stack-latency", action="store_false", dest="stack_latency", default=None,
+                   help="overrides probes.stack_latency with false")
     d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
     pr = sub.add_parser(
@@ -203,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _loader_config(args: argparse.Namespace) -> loader.LoaderConfig:
-    return loader.LoaderConfig(attach_mode=args.attach, precise_accept=args.precise_accept)
+    return loader.LoaderConfig(attach_mode=args.attach, precise_accept=args.precise_accept,
+                               stack_latency=not args.no_stack_latency)
 
 
 def _filter(args: argparse.Namespace) -> Filter:
@@ -229,7 +309,7 @@ def cmd_table(args: argparse.Namespace) -> int:
                           state=args.state, closed=1 if args.closed else None)
         if flt.pids:
             rows = [r for r in rows if r["pid"] in flt.pids]
-        table_view.render(rows, sys.stdout, args.json)
+        table_view.render(rows, sys.stdout, args.json, args.latency)
         return 0
     with Monitor(_loader_config(args)) as mon:
         if args.watch:
@@ -247,30 +327,23 @@ def cmd_table(args: argparse.Namespace) -> int:
                 conns = mon.table.recently_closed()
         else:
             conns = mon.connections()
-        table_view.render(table_view.rows_of(conns, flt), sys.stdout, args.json)
+        table_view.render(table_view.rows_of(conns, flt), sys.stdout, args.json, args.latency)
     return 0
 
 
 def _trace_remote(args: argparse.Namespace, stop: threading.Event,
                   printer: trace_view.TracePrinter) -> None:
     client = DaemonClient(args.url, timeout=10)
+    flt = _filter(args)
     seq = client.get("/api/events", after=1 << 62)["seq"]  # start from now
     deadline = time.monotonic() + args.duration if args.duration else None
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
         got = client.get("/api/events", after=seq, wait=1)
         seq = got["seq"]
-        events = [e for e in got["events"] if _matches_dict(e, args)]
+        events = [e for e in got["events"] if flt.dict_matches(e)]
         printer(events, args.count)
         if args.count and printer.printed >= args.count:
             return
-
-
-def _matches_dict(e: dict, args: argparse.Namespace) -> bool:
-    if args.pid and e["pid"] not in args.pid:
-        return False
-    if args.comm and args.comm.lower() not in (e["process"] or "").lower():
-        return False
-    return args.port is None or args.port in (e["local_port"], e["remote_port"])
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -307,6 +380,32 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from sockwatch.views import top, top_source  # curses only for this command
+
+    state = top_screen.UIState(view=args.view, filter=args.filter,
+                               interval=args.interval, pid=args.pid[0] if args.pid else None)
+    if args.sort:
+        titles = [c.title for c in top_screen.COLUMNS[args.view]]
+        match = [t for t in titles if t.lower() == args.sort.lower()]
+        if not match:
+            raise UsageError(f"top: --sort: no column {args.sort!r} in the {args.view} view "
+                             f"(one of: {', '.join(titles)})")
+        state.sort[args.view] = (match[0], True)
+    if not (args.once or args.json) and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("top: not a terminal: use --once or --json for scripts")
+    flt = _filter(args)
+    if args.url:
+        source: top_source.Source = top_source.RemoteSource(args.url, flt)
+    else:
+        source = top_source.LocalSource(_loader_config(args), flt)
+    try:
+        top.run(source, state, args.once, args.json)
+    finally:
+        source.close()
+    return 0
+
+
 def _daemon_config(args: argparse.Namespace) -> configuration.Config:
     overrides: dict[str, dict] = {}
     if args.listen is not None:
@@ -315,6 +414,8 @@ def _daemon_config(args: argparse.Namespace) -> configuration.Config:
         overrides.setdefault("probes", {})["attach"] = args.attach
     if args.precise_accept is not None:
         overrides.setdefault("probes", {})["precise_accept"] = args.precise_accept
+    if args.stack_latency is not None:
+        overrides.setdefault("probes", {})["stack_latency"] = args.stack_latency
     return configuration.load(args.config, overrides)
 
 
@@ -333,24 +434,56 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return Daemon(cfg, args.config).run()
 
 
+def _check_interface_exists(name: str | None) -> None:
+    """A bare name must exist here; NAME@<netns> is checked against the report instead."""
+    if name is None or "@" in name:
+        return
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        raise UsageError(f"latency: no interface named {name!r} in this network namespace "
+                         "(use NAME@<netns inode> for another)") from None
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    if args.url:
+        report = DaemonClient(args.url).get("/api/latency")
+    else:
+        if args.interface and args.no_stack_latency:
+            raise UsageError("latency: --interface needs the per-interface stack probes, "
+                             "which --no-stack-latency leaves out")
+        _check_interface_exists(args.interface)
+        stop = threading.Event()
+        with Monitor(_loader_config(args)) as mon:
+            _stop_on_signals(stop)
+            print(f"sockwatch: sampling for {args.interval:g} s (Ctrl-C prints early) ...",
+                  file=sys.stderr, flush=True)
+            end = time.monotonic() + args.interval
+            while (left := end - time.monotonic()) > 0 and not stop.wait(min(left, 1.0)):
+                mon.name_interfaces()  # an interface may be gone by the end of the sample
+            report = mon.latency()
+    latency_view.render(latency_view.select(report, args.interface), sys.stdout, args.json)
+    return 0
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
     objects = loader.default_objects_dir()
     probe_obj = objects / "probe.bpf.o"
     if not probe_obj.exists():
         raise SockwatchError(f"BPF objects missing ({probe_obj}): {loader.BUILD_HINT}")
     cfg = _loader_config(args)
-    error = None
+    error, stack = None, None
     try:
         t0 = time.perf_counter()
         probes = loader.load(cfg, objects)
-        feats, plan = probes.features, probes.plan
+        feats, plan, stack = probes.features, probes.plan, probes.stack_enabled
         probes.close()
         attach_ms = (time.perf_counter() - t0) * 1000
     except SockwatchError as exc:
         error = str(exc).splitlines()[0]
         feats = features.probe_kernel(str(probe_obj), mount=cfg.attach_mode == "tracepoint")
         plan = None
-    probes_view.render(feats, plan, error, sys.stdout, args.json)
+    probes_view.render(feats, plan, error, stack, sys.stdout, args.json)
     if error:
         print(f"sockwatch: {error}", file=sys.stderr)
         return 1
@@ -359,7 +492,8 @@ def cmd_probes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "trace": cmd_trace, "probes": cmd_probes}
+COMMANDS = {"daemon": cmd_daemon, "table": cmd_table, "top": cmd_top, "trace": cmd_trace,
+            "latency": cmd_latency, "probes": cmd_probes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "probes": {
         "attach": Key(str, "auto", choices=ATTACH_MODES, doc="force one attach flavour"),
         "precise_accept": Key(bool, False, doc="hook the accept syscall exit (taxes all syscalls)"),
+        "stack_latency": Key(bool, True, doc="per-packet probes for per-interface stack latency "
+                             "(false: connection-level histograms only)"),
         "socks_max_entries": Key(int, 65536, 1024, 16 << 20, doc="kernel per-socket map size"),
         "ringbuf_bytes": Key(int, 4 << 20, 4096, 1 << 30, doc="ring buffer size, a power of two"),
     },
@@ -54,6 +56,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "metrics": {
         "top_processes": Key(int, 20, 1, 10000, doc="process label values kept; rest -> other"),
         "top_ports": Key(int, 20, 1, 10000, doc="listening port label values kept"),
+        "top_interfaces": Key(int, 64, 1, 10000, doc="interface label values kept"),
         "per_connection": Key(bool, False, doc="export one series set per connection"),
         "per_connection_limit": Key(int, 1000, 1, 100000, doc="cap on per-connection series"),
     },

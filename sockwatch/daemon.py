@@ -57,7 +57,8 @@ def setup_logging(level: str = "info") -> None:
 def loader_config(cfg: configuration.Config) -> LoaderConfig:
     p = cfg["probes"]
     return LoaderConfig(attach_mode=p["attach"], precise_accept=p["precise_accept"],
-                        socks_max_entries=p["socks_max_entries"], ringbuf_bytes=p["ringbuf_bytes"])
+                        socks_max_entries=p["socks_max_entries"], ringbuf_bytes=p["ringbuf_bytes"],
+                        stack_latency=p["stack_latency"])
 
 
 def _auth(cfg: configuration.Config) -> BasicAuth | None:
@@ -75,7 +76,7 @@ class Daemon:
                                max_live=t["max_connections"])
         self.collector = SockwatchCollector(self.monitor, m["per_connection"],
                                             m["per_connection_limit"], m["top_processes"],
-                                            m["top_ports"])
+                                            m["top_ports"], m["top_interfaces"])
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.events = EventLog()

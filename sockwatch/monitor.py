@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sockwatch import records
+from sockwatch import latency, records
+from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
@@ -25,6 +26,7 @@ from sockwatch.tables import Connection, ConnTable
 
 MERGE_CHUNK = 2048  # snapshot rows applied per hold of the table lock
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
+UNOWNED_RETRY_S = 5.0  # before looking again for a socket no process held
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
 
 
@@ -76,10 +78,13 @@ class Monitor:
         self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
+        # (row key, alive since) -> when /proc may be walked again for its owner
+        self._unowned: dict[tuple[int, int], float] = {}
         self._objects_dir = objects_dir
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
         self.netns = current_netns(proc_root)
+        self.interfaces = InterfaceNames(self.netns, NamespaceLinks(self.netns, proc_root))
         self.started_ns = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -175,6 +180,7 @@ class Monitor:
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
+        self.name_interfaces()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
@@ -252,19 +258,27 @@ class Monitor:
         with self.lock:
             live = self.table.live
             rows = live.items() if keys is None else ((k, live[k]) for k in keys if k in live)
-            need = [(key, row.tgid, records.ino_of(row.raw)) for key, row in rows
-                    if row.owner_is_guess or (fds and row.fd < 0)]
-        need = [n for n in need if n[2]]
+            need = [(key, row.tgid, records.ino_of(row.raw), row.alive_since_ns)
+                    for key, row in rows if row.owner_is_guess or (fds and row.fd < 0)]
+        now = time.monotonic()
+        # An unknown owner means walking all of /proc; one that was not found
+        # (an orphan, a kernel socket) waits before the next walk for it.
+        unowned = self._unowned
+        need = [n for n in need if n[2] and (n[1] or unowned.get((n[0], n[3]), 0) <= now)]
+        for gone in [k for k in unowned if k[0] not in self.table.live]:
+            del unowned[gone]
         if not need:
             return 0
-        guesses = any(tgid == 0 for _, tgid, _ in need)
-        owners = procfs.socket_owners(None if guesses else {t for _, t, _ in need},
+        guesses = any(n[1] == 0 for n in need)
+        owners = procfs.socket_owners(None if guesses else {n[1] for n in need},
                                       self._proc_root)
         names: dict[int, str] = {}
         named = 0
-        for key, tgid, ino in need:
+        for key, tgid, ino, since in need:
             holders = owners.get(ino)
             if not holders:
+                if not tgid:
+                    unowned[(key, since)] = now + UNOWNED_RETRY_S
                 continue
             pid, fd = next((h for h in holders if h[0] == tgid), holders[0])
             if pid not in names:
@@ -295,6 +309,32 @@ class Monitor:
         with self.lock:
             rows = self.table.live
             return [rows[k].connection() for k in (rows if keys is None else keys) if k in rows]
+
+    def name_interfaces(self) -> None:
+        """Learn the names of the interfaces that carried traffic, while they still exist:
+        one that is gone by the time a view asks keeps the name read here."""
+        probes = self.probes
+        if probes is not None and probes.stack_enabled:
+            self.interfaces.resolve(probes.interface_totals())
+
+    def stack_maps(self) -> tuple[dict[latency.StackKey, list[int]],
+                                  dict[latency.IfKey, tuple[int, int, int, int, int]],
+                                  dict[latency.IfKey, tuple[str, str]]]:
+        """The per-interface histograms, the interface totals, and (label, driver) for
+        every interface in them; all empty when the stack programs are off. Read
+        straight from the kernel's maps: nothing to drain first."""
+        probes = self.probes
+        assert probes is not None, "start() first"
+        if not probes.stack_enabled:
+            return {}, {}, {}
+        stack, totals = probes.stack_histograms(), probes.interface_totals()
+        return stack, totals, self.interfaces.resolve(latency.interface_keys(stack, totals))
+
+    def latency(self) -> dict:
+        """The per-layer latency report (the shape of /api/latency, see latency.report)."""
+        assert self.probes is not None, "start() first"
+        return latency.report(self.probes.stack_enabled, self.probes.histograms(),
+                              *self.stack_maps())
 
     def loss(self) -> Loss:
         assert self.probes is not None and self._reader is not None

@@ -61,6 +61,9 @@ class Stat(enum.IntEnum):
     SUPPRESSED_CLOSE = 3
     TOTALS_FULL = 4
     LATE_CLOSE = 5
+    STACK_HISTS_FULL = 6  # a stack latency not counted: stack_hists map full
+    IFACES_FULL = 7  # a packet not counted in its interface's totals: ifaces map full
+    RESCUED = 8  # saved by the rescue ring: not a loss
 
 
 class Total(enum.IntEnum):
@@ -80,6 +83,15 @@ class Hist(enum.IntEnum):
     HANDSHAKE_SERVER = 1
     LIFETIME_CLIENT = 2
     LIFETIME_SERVER = 3
+    ACCEPT_QUEUE = 4  # ESTABLISHED -> returned by accept(); connection-level
+
+
+# Stack latency (bpf/stack.bpf.c): enum sw_dir and enum sw_layer, by contract name.
+DIRECTIONS = {0: "tx", 1: "rx"}
+LAYERS = {0: "tcp", 1: "qdisc", 2: "driver", 3: "socket"}
+HIST_KEY = struct.Struct("<IIBB2x")  # struct sw_hist_key: netns, ifindex, dir, layer
+IFACE_KEY = struct.Struct("<II")  # struct sw_iface_key: netns, ifindex
+IFACE = struct.Struct("<5Q")  # struct sw_iface: rx pkts, rx bytes, tx pkts, tx bytes, errors
 
 
 HIST_COUNT = len(Hist)
@@ -135,6 +147,7 @@ class SwSock(ctypes.Structure):
         ("uid", ctypes.c_uint32),
         ("state_ns", ctypes.c_uint64 * TCP_STATES),
         ("comm", ctypes.c_char * COMM_LEN),
+        ("accept_wait_ns", ctypes.c_uint64),
     ]
 
 
@@ -166,6 +179,8 @@ class SwEvent(ctypes.Structure):
         ("__pad", ctypes.c_uint8 * 5),
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
+        ("rcvq_wait_p50_ns", ctypes.c_uint64),
+        ("rcvq_wait_max_ns", ctypes.c_uint64),
     ]
 
 
@@ -200,8 +215,8 @@ def layout_mismatches(
 # One flat format for the whole event, in member order (all naturally aligned).
 _EVENT_STRUCT = struct.Struct(
     "<QQBBBBI"  # ts_ns, skaddr, kind, result, state, oldstate, netns
-    "QIiBBBxHxxQII" f"{TCP_STATES}Q" "16s"  # sw_sock
-    "QQQQ" "IIIII" "HHH" "B5x" "16s16s"
+    "QIiBBBxHxxQII" f"{TCP_STATES}Q" "16s" "Q"  # sw_sock
+    "QQQQ" "IIIII" "HHH" "B5x" "16s16s" "QQ"
 )  # fmt: skip
 assert _EVENT_STRUCT.size == EVENT_SIZE, (_EVENT_STRUCT.size, EVENT_SIZE)
 
@@ -282,7 +297,11 @@ class ConnEvent:
     srtt_us: int
     listen_backlog: int
     open_ns: int  # first state we saw (0: the socket predates sockwatch)
-
+    # Latency summaries; 0 = unknown. accept_wait_ns is exact with precise accept,
+    # else an upper bound (measured at the owner's first use of the socket).
+    accept_wait_ns: int = 0
+    rcvq_wait_p50_ns: int = 0
+    rcvq_wait_max_ns: int = 0
 
     @property
     def state_name(self) -> str:
@@ -314,8 +333,8 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
     (ts, skaddr, kind, result, state, oldstate, netns,
      open_ns, tgid, fd, role, attrib, _flags, _lport, ino, tid, uid, *rest) = _EVENT_STRUCT.unpack(raw)
     state_ns = tuple(rest[:TCP_STATES])
-    (comm, acked, received, sent, retrans_bytes, segs_out, segs_in, retrans, srtt, backlog,
-     family, sport, dport, peer_fin, saddr, daddr) = rest[TCP_STATES:]
+    (comm, accept_wait, acked, received, sent, retrans_bytes, segs_out, segs_in, retrans, srtt,
+     backlog, family, sport, dport, peer_fin, saddr, daddr, rcvq_p50, rcvq_max) = rest[TCP_STATES:]
     try:
         return ConnEvent(
             kind=Kind(kind),
@@ -350,6 +369,9 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
             srtt_us=srtt,
             listen_backlog=backlog,
             open_ns=open_ns,
+            accept_wait_ns=accept_wait,
+            rcvq_wait_p50_ns=rcvq_p50,
+            rcvq_wait_max_ns=rcvq_max,
         )
     except ValueError as exc:  # an enum out of range
         raise DecodeError(str(exc)) from exc

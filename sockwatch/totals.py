@@ -53,4 +53,3 @@ def cumulative_buckets(slots: list[int]) -> tuple[list[tuple[str, int]], float]:
     running += slots[HIST_SLOTS - 1]
     out.append(("+Inf", running))
     return out, slots[HIST_STRIDE - 1] / 1e9
-

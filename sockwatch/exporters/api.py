@@ -1,14 +1,14 @@
 """Routes of the daemon's HTTP server: /metrics, /healthz and the JSON API.
 
-The JSON API is what ``sockwatch table --url`` and ``sockwatch trace --url``
-read, so the CLI shows the same rows whether it attaches itself or asks a
-running daemon. Handlers only read: they copy under the monitor's lock and
+The JSON API is what ``sockwatch table|trace|latency --url`` read, so the
+CLI shows the same rows whether it attaches itself or asks a running daemon. Handlers only read: they copy under the monitor's lock and
 format outside it.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 import time
@@ -159,8 +159,13 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             with monitor.lock:
                 conns = monitor.table.recently_closed()
         else:
-            monitor.sync()
-            conns = monitor.connections(refresh=False, where=flt.row_matches)
+            # refresh=1: walk the kernel first, for live byte counters as of now
+            # (what `sockwatch top --url` computes rates from); otherwise as of the
+            # last periodic walk.
+            fresh = req.query.get("refresh") in ("1", "true")
+            if not fresh:
+                monitor.sync()
+            conns = monitor.connections(refresh=fresh, where=flt.row_matches)
         now = time.monotonic_ns()
         rows = [fields.connection_dict(c, now) for c in conns if flt.matches(c.ev, c.tgid, c.comm)]
         return _json(rows)
@@ -193,7 +198,17 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
         p = monitor.probes
         if p is None:
             return _json({"error": "probes not attached"}, 503)
-        return _json(probes_view.as_dict(p.features, p.plan, None))
+        return _json(probes_view.as_dict(p.features, p.plan, None, p.stack_enabled))
+
+    def api_latency(req: Request) -> Response:
+        if monitor.probes is None:
+            return _json({"error": "probes not attached"}, 503)
+        return _json(monitor.latency())
+
+    def loss(req: Request) -> Response:
+        if monitor.probes is None:
+            return _json({"error": "probes not attached"}, 503)
+        return _json(dataclasses.asdict(monitor.loss()))
 
     def api_events(req: Request) -> Response:
         try:
@@ -205,4 +220,5 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
         return _json({"seq": seq, "events": evs})
 
     return {"/metrics": metrics, "/healthz": healthz, "/api/connections": connections,
-            "/api/processes": processes, "/api/probes": probes, "/api/events": api_events}
+            "/api/processes": processes, "/api/probes": probes, "/api/events": api_events,
+            "/api/latency": api_latency, "/api/loss": loss}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import platform
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sockwatch import __version__, records
+from sockwatch import __version__, latency, records
 from sockwatch.monitor import Monitor
 from sockwatch.records import Role, state_name
 from sockwatch.totals import LabelCap, cumulative_buckets
@@ -32,24 +32,34 @@ P = "sockwatch_"
 
 
 def _family(kind: type, name: str, doc: str, labels: list[str],
-            values: dict[tuple[str, ...], float]) -> Metric:
-    """One labelled family, its series in a stable order."""
+            values: dict[tuple[str, ...], Any]) -> Metric:
+    """One labelled family, its series in a stable order. A histogram's value is
+    the (buckets, sum) pair its add_metric takes."""
     m = kind(P + name, doc, labels=labels)
-    for key, n in sorted(values.items()):
-        m.add_metric(list(key), n)
+    for key, v in sorted(values.items()):
+        m.add_metric(list(key), *(v if isinstance(v, tuple) else (v,)))
     return m
+
+
+def _histograms(name: str, doc: str, labels: list[str],
+                slots: dict[tuple[str, ...], list[int]]) -> Metric:
+    """Kernel log2 histograms as one Prometheus histogram family."""
+    return _family(HistogramMetricFamily, name, doc, labels,
+                   {key: cumulative_buckets(s) for key, s in slots.items()})
 
 
 class SockwatchCollector(Collector):
     """Yields every sockwatch metric from one consistent read of the monitor."""
 
     def __init__(self, monitor: Monitor, per_connection: bool = False,
-                 per_connection_limit: int = 1000, top_processes: int = 20, top_ports: int = 20):
+                 per_connection_limit: int = 1000, top_processes: int = 20, top_ports: int = 20,
+                 top_interfaces: int = 64):
         self.monitor = monitor
         self.per_connection = per_connection
         self.per_connection_limit = per_connection_limit
         self.processes = LabelCap(top_processes)
         self.ports = LabelCap(top_ports)
+        self.interfaces = LabelCap(top_interfaces)
         self.start_time = time.time()
         self._reported: dict[tuple[str, str], int] = {}  # bounded by the label caps
 
@@ -146,18 +156,17 @@ class SockwatchCollector(Collector):
             for proc, n in sorted(values.items()):
                 m.add_metric([proc], self._monotonic(name, proc, n))
             yield m
-        for name, doc, family in (
-            ("handshake_seconds", "Handshake time: SYN_SENT->ESTABLISHED (client), "
-             "SYN_RECV->ESTABLISHED (server).",
-             {"client": records.Hist.HANDSHAKE_CLIENT, "server": records.Hist.HANDSHAKE_SERVER}),
-            ("connection_lifetime_seconds", "Lifetime of connections that ended.",
-             {"client": records.Hist.LIFETIME_CLIENT, "server": records.Hist.LIFETIME_SERVER}),
-        ):
-            m = HistogramMetricFamily(P + name, doc, labels=["role"])
-            for role, hist in family.items():
-                buckets, total_s = cumulative_buckets(hists[hist])
-                m.add_metric([role], buckets, total_s)
-            yield m
+        Hist = records.Hist
+        yield _histograms("handshake_seconds", "Handshake time: SYN_SENT->ESTABLISHED (client), "
+                          "SYN_RECV->ESTABLISHED (server).", ["role"],
+                          {("client",): hists[Hist.HANDSHAKE_CLIENT],
+                           ("server",): hists[Hist.HANDSHAKE_SERVER]})
+        yield _histograms("connection_lifetime_seconds", "Lifetime of connections that ended.",
+                          ["role"], {("client",): hists[Hist.LIFETIME_CLIENT],
+                                     ("server",): hists[Hist.LIFETIME_SERVER]})
+        yield _histograms("accept_queue_seconds", "Accept-queue wait: connection established "
+                          "-> returned by accept().", [], {(): hists[Hist.ACCEPT_QUEUE]})
+        yield from self._stack(probes.stack_enabled)
         if per_conn:
             yield from self._per_connection(per_conn)
 
@@ -174,6 +183,10 @@ class SockwatchCollector(Collector):
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
                                   value=loss.decode_errors + counters.get("malformed", 0))
+        yield CounterMetricFamily(P + "rescued_records",
+                                  "Records the main ring buffer refused (its lock timed out) "
+                                  "that the rescue ring buffer took: delivered, not lost.",
+                                  value=kernel_stats[records.Stat.RESCUED])
         yield CounterMetricFamily(P + "untracked_closes",
                                   "Closes of sockets opened before sockwatch started (or evicted).",
                                   value=kernel_stats[records.Stat.UNTRACKED_CLOSE])
@@ -186,6 +199,7 @@ class SockwatchCollector(Collector):
                                 labels=["label"])
         m.add_metric(["process"], self.processes.folded)
         m.add_metric(["port"], self.ports.folded)
+        m.add_metric(["interface"], self.interfaces.folded)
         yield m
         m = GaugeMetricFamily(P + "table_entries", "Entries in sockwatch's tables.", labels=["table"])
         m.add_metric(["connections"], live_count)
@@ -209,6 +223,38 @@ class SockwatchCollector(Collector):
         yield GaugeMetricFamily(P + "scrape_duration_seconds",
                                 "Time spent collecting this scrape, before exposition.",
                                 value=time.perf_counter() - started)
+
+    def _stack(self, enabled: bool) -> Iterator[Metric]:
+        """Per-interface stack latency and totals, interfaces named through the monitor's
+        cache and capped: ``name`` in our namespace, ``name@<netns inode>`` in others."""
+        stack, totals, names = self.monitor.stack_maps()
+        # admitted in (netns, ifindex) order: the first namespace's boot-time NICs come first
+        capped = {key: self.interfaces(label) for key, (label, _driver) in sorted(names.items())}
+
+        def label(ns: int, ifindex: int) -> str:
+            return capped[(ns, ifindex)]
+
+        yield _histograms("stack_latency_seconds",
+                          "Time data spends in one layer of the kernel path, per interface "
+                          "(tx: tcp, qdisc, driver; rx: driver, tcp, socket).",
+                          ["direction", "layer", "interface"], latency.by_label(stack, label))
+        packets: collections.Counter = collections.Counter()
+        octets: collections.Counter = collections.Counter()
+        errors: collections.Counter = collections.Counter()
+        for key, (rx_p, rx_b, tx_p, tx_b, errs) in totals.items():
+            iface = label(*key)
+            packets.update({(iface, "rx"): rx_p, (iface, "tx"): tx_p})
+            octets.update({(iface, "rx"): rx_b, (iface, "tx"): tx_b})
+            errors[(iface,)] += errs
+        yield _family(CounterMetricFamily, "interface_packets", "Packets per interface and "
+                      "direction, as the stack probes saw them.", ["interface", "direction"], packets)
+        yield _family(CounterMetricFamily, "interface_bytes", "Bytes per interface and direction, "
+                      "as the stack probes saw them.", ["interface", "direction"], octets)
+        yield _family(CounterMetricFamily, "interface_driver_errors", "Transmits the driver "
+                      "refused (net_dev_xmit rc != 0).", ["interface"], errors)
+        yield GaugeMetricFamily(P + "stack_probes_enabled",
+                                "1 when the per-packet stack latency probes are attached.",
+                                value=1 if enabled else 0)
 
     def _per_connection(self, conns: list) -> Iterator[Metric]:
         labels = ["process", "pid", "local", "remote", "state"]

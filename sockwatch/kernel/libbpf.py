@@ -85,6 +85,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__set_autoload": (_c.c_int, [_vp, _c.c_bool]),
     "bpf_program__attach": (_vp, [_vp]),
     "bpf_map__fd": (_c.c_int, [_vp]),
+    "bpf_map__reuse_fd": (_c.c_int, [_vp, _c.c_int]),
     "bpf_map__set_max_entries": (_c.c_int, [_vp, _c.c_uint32]),
     "bpf_map__max_entries": (_c.c_uint32, [_vp]),
     "bpf_map__value_size": (_c.c_uint32, [_vp]),
@@ -241,6 +242,12 @@ class BpfObject:
     def set_autoload(self, program: str, on: bool) -> None:
         lib().so.bpf_program__set_autoload(self._program(program), on)
 
+    def reuse_map(self, map_name: str, fd: int) -> None:
+        """Use an existing map (another object's) instead of creating this one."""
+        rc = lib().so.bpf_map__reuse_fd(self._map(map_name), fd)
+        if rc:
+            raise LibbpfError(f"cannot share map {map_name}: {os.strerror(-rc)}", -rc)
+
     def set_max_entries(self, map_name: str, entries: int) -> None:
         if lib().so.bpf_map__set_max_entries(self._map(map_name), entries):
             raise LibbpfError(f"cannot size map {map_name} to {entries}")
@@ -318,15 +325,25 @@ class BpfObject:
             )
         return Link(ptr, program)
 
-    def recursion_misses(self, program: str) -> int:
-        """Runs the kernel skipped because the program was already running on that CPU
-        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
+    def _prog_info(self, program: str) -> _BpfProgInfo:
+        """The kernel's bpf_prog_info of a loaded program (zeroes if unavailable)."""
         info = _BpfProgInfo()
         size = _c.c_uint32(_c.sizeof(info))
         fd = lib().so.bpf_program__fd(self._program(program))
         if fd < 0 or lib().so.bpf_obj_get_info_by_fd(fd, _c.byref(info), _c.byref(size)):
-            return 0
-        return info.recursion_misses
+            return _BpfProgInfo()
+        return info
+
+    def recursion_misses(self, program: str) -> int:
+        """Runs the kernel skipped because the program was already running on that CPU
+        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
+        return self._prog_info(program).recursion_misses
+
+    def run_stats(self, program: str) -> tuple[int, int]:
+        """(run_time_ns, run_cnt) of a program: counted only while the kernel's BPF
+        stats are on (sysctl kernel.bpf_stats_enabled=1), which itself costs time."""
+        info = self._prog_info(program)
+        return info.run_time_ns, info.run_cnt
 
     def map_fd(self, name: str) -> int:
         return lib().so.bpf_map__fd(self._map(name))
@@ -352,6 +369,17 @@ def read_hash(map_fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
         if so.bpf_map_lookup_elem(map_fd, key, value) == 0:  # ENOENT: deleted meanwhile
             out[key.raw] = value.raw
         prev = key
+    return out
+
+
+def read_percpu_u64_hash(map_fd: int, key_size: int, n_u64: int) -> dict[bytes, list[int]]:
+    """Every key of a BPF_MAP_TYPE_PERCPU_HASH whose value is ``n_u64`` __u64, each
+    slot summed over all CPUs."""
+    ncpu = num_possible_cpus()
+    out = {}
+    for key, raw in read_hash(map_fd, key_size, 8 * n_u64 * ncpu).items():
+        flat = memoryview(raw).cast("Q")
+        out[key] = [sum(flat[c * n_u64 + i] for c in range(ncpu)) for i in range(n_u64)]
     return out
 
 

@@ -8,7 +8,11 @@ Choice per hook, best first (``--attach`` forces one flavour):
 - accept: fexit or kretprobe on inet_csk_accept; else, opt-in, the accept
   syscall exit (exact fd, but taxes every syscall on the host); else the first
   send/recv or close() on the accepted socket, in the owning task;
-- snapshot: iter/tcp (essential: seed and reconciliation).
+- snapshot: iter/tcp (essential: seed and reconciliation);
+- stack latency (optional, ``stack_latency``): the per-packet tracepoints of
+  stack.bpf.o, in the same tracepoint flavour. A stack hook that cannot load or
+  attach is reported as unavailable and the rest keeps working: the lifecycle
+  part never depends on it.
 
 Everything attached is detached again if any essential step fails, so a
 failed start leaves nothing behind.
@@ -32,9 +36,10 @@ from sockwatch.kernel.libbpf import (
     read_all,
     read_hash,
     read_percpu_u64_array,
+    read_percpu_u64_hash,
     release_freed_heap,
 )
-from sockwatch.kernel.ringbuf import RingReader
+from sockwatch.kernel.ringbuf import RingPair, RingReader
 from sockwatch.kernel import netns
 
 ATTACH_MODES = ("auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
@@ -58,6 +63,40 @@ _FUNCTION_PROGRAMS = {
 }
 SNAPSHOT_PROGRAM = "dump_tcp"
 
+# The per-packet hooks of stack.bpf.o: hook (the kernel event), its role, and its
+# program per tracepoint flavour. tcp_sendmsg_locked has no classic variant: its
+# classic tracepoint does not carry the sock.
+_STACK_HOOKS = {
+    "tcp_sendmsg": ("tx tcp starts: the write enters TCP",
+                    {"tp_btf": "sendmsg_btf", "raw_tp": "sendmsg_raw"}),
+    "net_dev_queue": ("tx tcp ends, tx qdisc starts",
+                      {"tp_btf": "dev_queue_btf", "raw_tp": "dev_queue_raw",
+                       "tracepoint": "dev_queue_tp"}),
+    "net_dev_start_xmit": ("tx qdisc ends, tx driver starts",
+                           {"tp_btf": "start_xmit_btf", "raw_tp": "start_xmit_raw",
+                            "tracepoint": "start_xmit_tp"}),
+    "net_dev_xmit": ("tx driver ends; tx totals, driver errors",
+                     {"tp_btf": "xmit_btf", "raw_tp": "xmit_raw", "tracepoint": "xmit_tp"}),
+    "netif_receive_skb": ("rx driver starts; rx totals",
+                          {"tp_btf": "receive_btf", "raw_tp": "receive_raw",
+                           "tracepoint": "receive_tp"}),
+    "tcp_probe": ("rx driver ends, rx tcp starts",
+                  {"tp_btf": "tcp_rcv_btf", "raw_tp": "tcp_rcv_raw", "tracepoint": "tcp_rcv_tp"}),
+    "sk_data_ready": ("rx tcp ends, rx socket starts",
+                      {"tp_btf": "data_ready_btf", "raw_tp": "data_ready_raw",
+                       "tracepoint": "data_ready_tp"}),
+    "sock_recv_length": ("rx socket ends: the application reads",
+                         {"tp_btf": "read_btf", "raw_tp": "read_raw", "tracepoint": "read_tp"}),
+}
+UNAVAILABLE = "unavailable"
+# Maps the stack object shares with the lifecycle object (bpf/shared.bpf.h).
+_SHARED_MAPS = ("stats", "sock_stack")
+
+
+# Smallest rescue ring (a power of two, a few pages): it takes only the records
+# whose reservation failed in the main ring.
+RESCUE_RING_MIN = 16 << 10
+
 
 def default_objects_dir() -> Path:
     env = os.environ.get("SOCKWATCH_BPF_DIR")
@@ -71,6 +110,7 @@ class LoaderConfig:
     socks_max_entries: int = 65536
     ringbuf_bytes: int = 4 << 20
     suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
+    stack_latency: bool = True  # False: the per-packet stack programs are not loaded at all
 
 
 @dataclass(frozen=True)
@@ -81,6 +121,10 @@ class HookChoice:
     mode: str
     programs: tuple[str, ...]
     note: str = ""
+
+    @property
+    def stack(self) -> bool:
+        return self.hook in _STACK_HOOKS
 
 
 @dataclass
@@ -160,7 +204,23 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
                 )
             )
     plan.hooks.append(HookChoice("snapshot", "iter", (SNAPSHOT_PROGRAM,), "iter/tcp"))
+    if cfg.stack_latency:
+        for hook, (role, by_flavour) in _STACK_HOOKS.items():
+            if tp in by_flavour:
+                plan.hooks.append(HookChoice(hook, tp, (by_flavour[tp],), f"stack: {role}"))
+            else:
+                plan.hooks.append(HookChoice(hook, UNAVAILABLE, (),
+                                             f"stack: {role}; no {tp} variant"))
     return plan
+
+
+def _without(plan: Plan, programs: dict[str, str]) -> None:
+    """Mark the stack hooks of failed ``programs`` (name -> why) unavailable."""
+    for i, h in enumerate(plan.hooks):
+        failed = [p for p in h.programs if p in programs]
+        if h.stack and failed:
+            plan.hooks[i] = HookChoice(h.hook, UNAVAILABLE, (),
+                                       f"{h.note.split(';')[0]}; {programs[failed[0]]}")
 
 
 def _verifier_excerpt(log: list[str], tail: int = 25) -> str:
@@ -186,16 +246,24 @@ def load_object(obj: BpfObject) -> None:
 
 
 class Probes:
-    """The attached lifecycle programs and the maps user space reads."""
+    """The attached lifecycle (and, optionally, stack) programs and the maps user space reads."""
 
-    def __init__(self, obj: BpfObject, links: list[Link], plan: Plan, feats: feat.KernelFeatures):
+    def __init__(self, obj: BpfObject, links: list[Link], plan: Plan, feats: feat.KernelFeatures,
+                 stack: tuple[BpfObject, list[Link]] | None = None):
         self._obj: BpfObject | None = obj
         self._links = links
+        self._stack_obj: BpfObject | None = stack[0] if stack else None
+        self._stack_links = stack[1] if stack else []
+        self.stack_enabled = bool(self._stack_links)
+        if self._stack_obj is not None:
+            self._stack_hists_fd = self._stack_obj.map_fd("stack_hists")
+            self._ifaces_fd = self._stack_obj.map_fd("ifaces")
         self.plan = plan
         self.features = feats
         self._snapshot_link = next(ln for ln in links if ln.program == SNAPSHOT_PROGRAM)
-        self.ring = RingReader(obj.map_fd("events"), obj.map_max_entries("events"),
-                               records.EVENT_SIZE)
+        self.ring = RingPair(*(RingReader(obj.map_fd(name), obj.map_max_entries(name),
+                                          records.EVENT_SIZE)
+                               for name in ("events", "events_rescue")))
         self._stats_fd = obj.map_fd("stats")
         self._transitions_fd = obj.map_fd("transitions")
         self._totals_fd = obj.map_fd("totals")
@@ -247,23 +315,95 @@ class Probes:
         flat = read_percpu_u64_array(self._hists_fd, records.HIST_COUNT * stride)
         return [flat[i * stride : (i + 1) * stride] for i in range(records.HIST_COUNT)]
 
+    def stack_histograms(self) -> dict[tuple[str, str, int, int], list[int]]:
+        """Per-layer latency histograms keyed (direction, layer, netns inode, ifindex),
+        each in the kernel layout (HIST_STRIDE slots, sum in ns last), summed over
+        CPUs; only those that counted something. Empty when the stack probes are off."""
+        if self._stack_obj is None:
+            return {}
+        out = {}
+        raw = read_percpu_u64_hash(self._stack_hists_fd, records.HIST_KEY.size, records.HIST_STRIDE)
+        for key, hist in raw.items():
+            netns, ifindex, direction, layer = records.HIST_KEY.unpack(key)
+            if any(hist[: records.HIST_SLOTS]):
+                out[(records.DIRECTIONS[direction], records.LAYERS[layer], netns, ifindex)] = hist
+        return out
+
+    def stack_program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each attached stack program (see BpfObject.run_stats):
+        what the per-packet hooks cost, for the benchmark."""
+        if self._stack_obj is None:
+            return {}
+        return {ln.program: self._stack_obj.run_stats(ln.program) for ln in self._stack_links}
+
+    def interface_totals(self) -> dict[tuple[int, int], tuple[int, int, int, int, int]]:
+        """(netns inode, ifindex) -> (rx_packets, rx_bytes, tx_packets, tx_bytes,
+        driver_errors) since the stack probes started. Empty when they are off."""
+        if self._stack_obj is None:
+            return {}
+        raw = read_percpu_u64_hash(self._ifaces_fd, records.IFACE_KEY.size,
+                                   records.IFACE.size // 8)
+        return {records.IFACE_KEY.unpack(k): tuple(v) for k, v in raw.items()}  # type: ignore[misc]
+
     def close(self) -> None:
         """Detach everything; safe to call twice."""
         self.ring.close()
-        for link in self._links:
+        for link in self._stack_links + self._links:
             link.destroy()
-        self._links = []
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        self._links, self._stack_links = [], []
+        for obj in (self._stack_obj, self._obj):
+            if obj is not None:
+                obj.close()
+        self._obj = self._stack_obj = None
 
 
-def _objects(objects_dir: Path) -> tuple[str, str]:
-    paths = tuple(str(objects_dir / name) for name in ("lifecycle.bpf.o", "probe.bpf.o"))
+def _objects(objects_dir: Path) -> tuple[str, str, str]:
+    names = ("lifecycle.bpf.o", "probe.bpf.o", "stack.bpf.o")
+    paths = tuple(str(objects_dir / name) for name in names)
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise BpfObjectError(f"BPF objects missing ({', '.join(missing)}): {BUILD_HINT}")
     return paths  # type: ignore[return-value]
+
+
+_FAILED_PROGRAM = re.compile(r"prog '(\w+)': (?:failed|.*fail)")
+
+
+def _load_stack(path: str, lifecycle: BpfObject, plan: Plan) -> tuple[BpfObject, list[Link]] | None:
+    """Load and attach the stack object's planned programs, sharing the lifecycle
+    object's maps. A program the kernel refuses or cannot attach makes its hook
+    unavailable (in ``plan``); the others stay. None when nothing attached."""
+    for _ in range(len(_STACK_HOOKS) + 1):
+        wanted = {p for h in plan.hooks if h.stack for p in h.programs}
+        if not wanted:
+            return None
+        obj = None
+        try:
+            obj = BpfObject(path)
+            for name in obj.program_names():
+                obj.set_autoload(name, name in wanted)
+            for name in _SHARED_MAPS:
+                obj.reuse_map(name, lifecycle.map_fd(name))
+            obj.load()
+        except LibbpfError as exc:
+            if obj is not None:
+                obj.close()
+            failed = {m.group(1) for ln in exc.log if (m := _FAILED_PROGRAM.search(ln))}
+            failed &= wanted
+            _without(plan, {p: f"refused: {exc}" for p in (failed or wanted)})
+            continue
+        links, refused = [], {}
+        for program in sorted(wanted):
+            try:
+                links.append(obj.attach(program))
+            except LibbpfError as exc:
+                refused[program] = str(exc)
+        _without(plan, refused)
+        if links:
+            return obj, links
+        obj.close()
+        return None
+    return None
 
 
 def check_record_layout(obj: BpfObject) -> None:
@@ -281,7 +421,7 @@ def check_record_layout(obj: BpfObject) -> None:
 
 def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
     """Probe the kernel, load the lifecycle object with the chosen variants, attach."""
-    lifecycle_path, probe_path = _objects(objects_dir or default_objects_dir())
+    lifecycle_path, probe_path, stack_path = _objects(objects_dir or default_objects_dir())
     needs_tracefs = cfg.attach_mode == "tracepoint"
     feats = feat.probe_kernel(probe_path, mount=needs_tracefs)
     plan = plan_attachments(feats, cfg)
@@ -293,22 +433,25 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
     links: list[Link] = []
     try:
         check_record_layout(obj)
-        chosen = plan.programs
+        chosen = {p for h in plan.hooks if not h.stack for p in h.programs}
         for name in obj.program_names():
             obj.set_autoload(name, name in chosen)
         obj.set_max_entries("socks", cfg.socks_max_entries)
         obj.set_max_entries("events", cfg.ringbuf_bytes)
+        obj.set_max_entries("events_rescue", max(cfg.ringbuf_bytes // 16, RESCUE_RING_MIN))
+        obj.set_max_entries("sock_stack", cfg.socks_max_entries if cfg.stack_latency else 1)
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
         load_object(obj)
         for hook in plan.hooks:
-            for program in hook.programs:
+            for program in hook.programs if not hook.stack else ():
                 try:
                     links.append(obj.attach(program))
                 except LibbpfError as exc:
                     raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
-        probes = Probes(obj, links, plan, feats)
+        stack = _load_stack(stack_path, obj, plan) if cfg.stack_latency else None
+        probes = Probes(obj, links, plan, feats, stack)
         release_freed_heap()
         return probes
     except BaseException:

@@ -2,8 +2,11 @@
 
 libbpf's ring_buffer__consume() calls back into Python once per record
 (through ctypes: microseconds each). Here everything committed is copied out
-in one slice, which is contiguous because the kernel maps the data area twice
-back to back, and the 8-byte record headers are walked in a tight loop.
+in one slice and the 8-byte record headers are walked in a tight loop.
+The kernel offers the data area twice back to back so a wrapped record reads
+contiguously, but every mapped page counts in the reader's RSS (the whole
+area is mapped at mmap time): the data area is mapped once, and a batch that
+wraps is copied out in two pieces.
 Layout (kernel/bpf/ringbuf.c): page 0 is the consumer position (ours to
 write); from page 1 the producer position page, then the data area.
 
@@ -37,8 +40,10 @@ class RingReader:
         self._stride = (record_size + HEADER + 7) & ~7  # record_size bytes after each header
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+        self._size = size
+        self._producer = mmap.mmap(map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
+        self._fd = map_fd
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
 
@@ -59,7 +64,10 @@ class RingReader:
         if prod == cons:
             return b"", [], 0
         start = self._page + (cons & self._mask)
-        blob = self._producer[start : start + (prod - cons)]
+        end = start + (prod - cons)
+        limit = self._page + self._size
+        blob = (self._producer[start:end] if end <= limit else
+                self._producer[start:limit] + self._producer[self._page : end - self._size])
         fast = self._uniform_prefix(blob)
         offsets: list[int] = []
         bad, pos, end, want = 0, fast * self._stride, len(blob), self._record_size
@@ -95,6 +103,45 @@ class RingReader:
                 return i
         return n
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         self._consumer.close()
         self._producer.close()
+
+
+class RingPair:
+    """The main ring and the rescue ring (``events_rescue`` in lifecycle.bpf.c),
+    read as one batch in time order. Every record starts with its u64 timestamp."""
+
+    def __init__(self, main: RingReader, rescue: RingReader):
+        self.main, self.rescue = main, rescue
+        self._poll = select.poll()
+        for ring in (main, rescue):
+            self._poll.register(ring.fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until the timeout or until either ring forces a wake-up."""
+        self._poll.poll(int(timeout_s * 1000))
+
+    def backlog(self) -> int:
+        return self.main.backlog() + self.rescue.backlog()
+
+    def drain(self) -> tuple[bytes, Sequence[int], int]:
+        blob, offsets, bad = self.main.drain()
+        more, more_offsets, more_bad = self.rescue.drain()
+        if not more:
+            return blob, offsets, bad
+        # Rare (a few per ten thousand records under load): put the rescued records
+        # back in time order, or a rescued OPEN would land after its own CLOSE.
+        blob, shift = blob + more, len(blob)
+        ts_at = _U64.unpack_from
+        merged = sorted([*offsets, *(o + shift for o in more_offsets)],
+                        key=lambda off: ts_at(blob, off)[0])
+        return blob, merged, bad + more_bad
+
+    def close(self) -> None:
+        self.main.close()
+        self.rescue.close()

@@ -123,7 +123,24 @@ def connection_dict(conn: Connection, now_ns: int) -> dict[str, Any]:
         d["last_state"] = state_name(ev.oldstate)
     if ev.role == Role.LISTENER:
         d["backlog"] = ev.listen_backlog
+    # the kernel's per-socket latency summaries (stack probes); 0 there means not measured
+    d["rcvq_wait_p50_us"] = _us(ev.rcvq_wait_p50_ns)
+    d["rcvq_wait_max_us"] = _us(ev.rcvq_wait_max_ns)
+    d["accept_wait_us"] = _us(ev.accept_wait_ns)
     return d
+
+
+def _us(ns: int) -> float | None:
+    return round(ns / 1000, 3) if ns else None
+
+
+def handshake_s(row: dict[str, Any]) -> float | None:
+    """SYN_SENT (client) or SYN_RECV (server) -> ESTABLISHED, from a row's state_times."""
+    times = row["state_times"]
+    start = times.get("SYN-SENT", times.get("SYN-RECV"))
+    if start is None or "ESTAB" not in times:
+        return None
+    return round(times["ESTAB"] - start, 6)
 
 
 def event_dict(ev: ConnEvent) -> dict[str, Any]:
@@ -152,6 +169,13 @@ def human_bytes(n: int) -> str:
             return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def human_duration(s: float | None) -> str:
+    """Like human_seconds, with microseconds for the short waits of the latency views."""
+    if s is not None and s < 1e-3:
+        return f"{s * 1e6:.0f}us"
+    return human_seconds(s)
 
 
 def human_seconds(s: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Row filters shared by ``table`` and ``trace`` (--pid, --comm, --port; --state is table-only)."""
+"""Row filters shared by ``table``, ``trace`` and ``top`` (--pid, --comm, --port; --state is table-only)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ class Filter:
         if self.port is not None and self.port not in (sport, dport):
             return False
         return not self.state or state_name(state) == self.state
+
+    def dict_matches(self, row: dict) -> bool:
+        """The same test (state aside) on a row or event dict from the JSON API."""
+        if self.pids and row["pid"] not in self.pids:
+            return False
+        if self.comm and self.comm.lower() not in (row["process"] or "").lower():
+            return False
+        return self.port is None or self.port in (row["local_port"], row["remote_port"])

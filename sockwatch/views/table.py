@@ -15,6 +15,9 @@ from sockwatch.views import fields
 from sockwatch.views.filters import Filter
 
 COLUMNS = ("PID", "PROCESS", "FD", "ROLE", "STATE", "LOCAL", "REMOTE", "SENT", "RECV", "AGE")
+# --latency: the kernel's per-socket summaries (receive-queue wait p50/max, accept-queue
+# wait) and the handshake time from the state timestamps.
+LATENCY_COLUMNS = ("RCVQ-P50", "RCVQ-MAX", "ACCEPT-WAIT", "HANDSHAKE")
 Row = dict[str, Any]
 
 
@@ -51,13 +54,24 @@ def _cells(row: Row) -> tuple[str, ...]:
     )
 
 
-def render(rows: list[Row], out: TextIO, as_json: bool) -> None:
+def _latency_cells(row: Row) -> tuple[str, ...]:
+    def us(key: str) -> str:
+        value = row.get(key)  # absent in rows from an older daemon
+        return fields.human_duration(None if value is None else value / 1e6)
+
+    return (us("rcvq_wait_p50_us"), us("rcvq_wait_max_us"), us("accept_wait_us"),
+            fields.human_duration(fields.handshake_s(row)))
+
+
+def render(rows: list[Row], out: TextIO, as_json: bool, latency: bool = False) -> None:
+    """``latency`` adds the LATENCY_COLUMNS to the text table (JSON rows always have them)."""
     rows = ordered(rows)
     if as_json:
         json.dump(rows, out, indent=1)
         out.write("\n")
         return
-    cells = [COLUMNS] + [_cells(r) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    header = COLUMNS + LATENCY_COLUMNS if latency else COLUMNS
+    cells = [header] + [_cells(r) + (_latency_cells(r) if latency else ()) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")

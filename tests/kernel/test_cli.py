@@ -117,6 +117,12 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> tuple[str, str]:
 
 
 # -- probes -------------------------------------------------------------------------------
+LIFECYCLE_HOOKS = {"state", "destroy", "connect", "accept", "snapshot"}
+# the per-packet hooks of the stack latency layers, on by default
+STACK_HOOKS = {"tcp_sendmsg", "net_dev_queue", "net_dev_start_xmit", "net_dev_xmit",
+               "netif_receive_skb", "tcp_probe", "sk_data_ready", "sock_recv_length"}
+
+
 def parse_probes_text(text: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """(attach type -> ok/no, hook -> (mode, programs...)) from the text report."""
     types, hooks, section = {}, {}, None
@@ -142,8 +148,11 @@ def test_probes_names_the_mode_of_every_hook(probes_json):
     assert types["iter"] == "ok"
     best = best_flavour(probes_json)
     function_ok = types["fentry"] == "ok" or types["kprobe"] == "ok"
-    assert set(hooks) == {"state", "destroy", "connect", "accept", "snapshot"}, hooks
+    assert set(hooks) == LIFECYCLE_HOOKS | STACK_HOOKS, hooks
     assert hooks["state"][0] == best
+    # every per-packet hook has a tp_btf or raw_tp variant, so the best flavour serves all
+    assert {hooks[h][0] for h in STACK_HOOKS} == {best}, hooks
+    assert "stack probes on" in proc.stdout and probes_json["stack_latency"] is True
     assert hooks["snapshot"][0] == "iter" and "dump_tcp" in hooks["snapshot"][1]
     if not function_ok:
         assert hooks["connect"][0] == "state"
@@ -158,6 +167,14 @@ def test_probes_names_the_mode_of_every_hook(probes_json):
         k: v[0] for k, v in hooks.items()}
     assert {k: ("ok" if v["ok"] else "no") for k, v in probes_json["attach_types"].items()} \
         == types
+
+
+def test_probes_without_stack_latency_lists_only_the_lifecycle_hooks():
+    proc = sockwatch("probes", "--no-stack-latency")
+    assert proc.returncode == 0, proc.stderr
+    _types, hooks = parse_probes_text(proc.stdout)
+    assert set(hooks) == LIFECYCLE_HOOKS, hooks
+    assert "stack probes off" in proc.stdout
 
 
 @pytest.mark.parametrize("mode", TRACEPOINT_FLAVOURS)
@@ -204,7 +221,7 @@ def nobody_can_run_python() -> None:
 @pytest.mark.parametrize("args", [
     ["table"], ["table", "--json"], ["table", "--closed"],
     ["trace", "--duration", "1"], ["trace", "--json"],
-    ["probes"], ["probes", "--json"],
+    ["probes"], ["probes", "--json"], ["top", "--once"], ["top", "--json"],
 ])
 def test_without_privileges_one_line(args, nobody_can_run_python):
     proc = sockwatch(*args, prefix=NOBODY)
@@ -230,6 +247,10 @@ BAD_ARGS = [
     ["trace", "--count", "0"],
     ["probes", "--attach", "nonsense"],
     ["probes", "--port", "80"],
+    ["top", "--interval", "0"],
+    ["top", "--view", "bogus"],
+    ["top", "--sort", "bogus"],
+    ["top"],  # not a terminal (stdout is a pipe here)
 ]
 
 
@@ -241,7 +262,7 @@ def test_bad_arguments_exit_2_in_one_line(args):
 
 
 @pytest.mark.parametrize("args", [["table"], ["table", "--json"], ["trace", "--duration", "1"],
-                                  ["probes"]])
+                                  ["probes"], ["top", "--once"]])
 def test_missing_bpf_objects_say_how_to_build(args, tmp_path):
     empty = tmp_path / "no-objects"
     empty.mkdir()

@@ -56,6 +56,9 @@ def sw_event(
     listen_backlog: int = 0,
     peer_fin: int = 0,
     open_ns: int | None = None,
+    accept_wait_ns: int = 0,
+    rcvq_wait_p50_ns: int = 0,
+    rcvq_wait_max_ns: int = 0,
 ) -> records.SwEvent:
     """A filled ``struct sw_event``; ``state_ns`` maps TCP state -> first-entry time.
 
@@ -82,6 +85,8 @@ def sw_event(
     ev.family, ev.sport, ev.dport = family, sport, dport
     ev.kind, ev.result, ev.state, ev.oldstate = int(kind), int(result), state, oldstate
     ev.peer_fin = peer_fin
+    s.accept_wait_ns = accept_wait_ns
+    ev.rcvq_wait_p50_ns, ev.rcvq_wait_max_ns = rcvq_wait_p50_ns, rcvq_wait_max_ns
     return ev
 
 

@@ -69,6 +69,16 @@ BAD_ARGS = [
     (["table", "--comm"], "--comm"),
     (["table", "--bogus-flag"], "--bogus-flag"),
     (["probes", "--pid", "1"], "--pid"),  # probes takes no filters
+    (["latency", "--interface", ""], "--interface"),
+    (["latency", "--interface", "has space"], "--interface"),
+    (["latency", "--interface", "a/b"], "--interface"),
+    (["latency", "--interface", "sixteen-chars-xx"], "--interface"),  # IFNAMSIZ is 16 with NUL
+    (["latency", "--interface", "eth0@netns"], "--interface"),
+    (["latency", "--interval", "0"], "--interval"),
+    (["latency", "--interval", "soon"], "--interval"),
+    (["latency", "--url"], "--url"),
+    (["latency", "--state", "listen"], "--state"),  # latency takes no row filters
+    (["table", "--latency", "yes"], "yes"),
     ([], "required"),
     (["bogus"], "bogus"),
 ]

@@ -12,7 +12,7 @@ import pytest
 
 from sockwatch.errors import AttachError
 from sockwatch.kernel.features import KernelFeatures, Probe
-from sockwatch.kernel.loader import LoaderConfig, _verifier_excerpt, plan_attachments
+from sockwatch.kernel.loader import LoaderConfig, _verifier_excerpt, _without, plan_attachments
 
 EPERM = Probe(False, "Operation not permitted")
 NO_KPROBES = Probe(False, "kprobes are not compiled into this kernel")
@@ -44,11 +44,58 @@ def test_fallback_plan_on_development_kernel():
         "connect": ("state", ()),
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
+        **STACK_BTF,
     }
-    assert [h.hook for h in plan.hooks] == ["state", "destroy", "connect", "accept", "snapshot"]
-    assert plan.programs == {"set_state_btf", "destroy_btf", "send_btf", "recv_btf", "dump_tcp"}
+    assert [h.hook for h in plan.hooks][:5] == ["state", "destroy", "connect", "accept", "snapshot"]
+    assert plan.programs == {"set_state_btf", "destroy_btf", "send_btf", "recv_btf", "dump_tcp"} | {
+        p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
+
+
+# The per-packet stack hooks (stack.bpf.o) on the development kernel.
+STACK_BTF = {
+    "tcp_sendmsg": ("tp_btf", ("sendmsg_btf",)),
+    "net_dev_queue": ("tp_btf", ("dev_queue_btf",)),
+    "net_dev_start_xmit": ("tp_btf", ("start_xmit_btf",)),
+    "net_dev_xmit": ("tp_btf", ("xmit_btf",)),
+    "netif_receive_skb": ("tp_btf", ("receive_btf",)),
+    "tcp_probe": ("tp_btf", ("tcp_rcv_btf",)),
+    "sk_data_ready": ("tp_btf", ("data_ready_btf",)),
+    "sock_recv_length": ("tp_btf", ("read_btf",)),
+}
+
+
+def test_stack_latency_off_plans_no_stack_hook():
+    """--no-stack-latency: the per-packet programs are not even loaded."""
+    plan = plan_attachments(feats(), LoaderConfig(stack_latency=False))
+    assert not any(h.stack for h in plan.hooks)
+    assert [h.hook for h in plan.hooks] == ["state", "destroy", "connect", "accept", "snapshot"]
+
+
+def test_stack_hooks_follow_the_tracepoint_flavour():
+    """The stack hooks use the lifecycle's flavour; one without that variant is reported
+    unavailable, never silently dropped."""
+    raw = hooks(plan_attachments(feats(tp_btf=EPERM), LoaderConfig()))
+    assert raw["net_dev_queue"] == ("raw_tp", ("dev_queue_raw",))
+    assert raw["tcp_sendmsg"] == ("raw_tp", ("sendmsg_raw",))
+    classic = plan_attachments(feats(tp_btf=EPERM, raw_tp=EPERM, tracepoint=OK), LoaderConfig())
+    by_hook = {h.hook: h for h in classic.hooks}
+    assert by_hook["sk_data_ready"].programs == ("data_ready_tp",)
+    assert by_hook["tcp_sendmsg"].mode == "unavailable" and by_hook["tcp_sendmsg"].programs == ()
+    assert "no tracepoint variant" in by_hook["tcp_sendmsg"].note
+
+
+def test_a_failed_stack_program_makes_only_its_hook_unavailable():
+    plan = plan_attachments(feats(), LoaderConfig())
+    _without(plan, {"xmit_btf": "cannot attach xmit_btf: No such file or directory"})
+    by_hook = {h.hook: h for h in plan.hooks}
+    assert by_hook["net_dev_xmit"].mode == "unavailable"
+    assert by_hook["net_dev_xmit"].note.endswith("cannot attach xmit_btf: No such file or directory")
+    assert by_hook["net_dev_xmit"].note.startswith("stack: tx driver ends")
+    assert by_hook["net_dev_start_xmit"].mode == "tp_btf"
+    _without(plan, {"set_state_btf": "refused"})  # lifecycle hooks are never marked
+    assert by_hook["state"] == {h.hook: h for h in plan.hooks}["state"]
 
 
 def test_precise_accept_uses_syscall_exit():
@@ -123,6 +170,7 @@ def test_fentry_allowed_uses_function_programs():
         "connect": ("fentry", ("connect_fentry",)),
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
+        **STACK_BTF,
     }
     # precise_accept is moot when accept is hooked at the function: no syscall tax
     assert "accept_sys_btf" not in plan_attachments(

@@ -159,3 +159,32 @@ def test_process_cache_unknown_pid_is_none():
     cache = processes.ProcessCache()
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     assert cache.lookup(pid_max + 1) is None
+
+
+def test_unowned_socket_waits_before_the_next_whole_proc_walk(tmp_path, monkeypatch):
+    """A socket no process holds (an orphan) costs one walk of all of /proc, not one
+    per view refresh; sockets whose owner is known keep being looked up at once."""
+    from recfactory import raw
+    from sockwatch import monitor as monitor_mod
+    from sockwatch.records import Attrib, Kind
+
+    root = _proc(tmp_path, {300: {3: "socket:[12345]"}})
+    (tmp_path / "proc" / "self" / "ns").mkdir()
+    (tmp_path / "proc" / "self" / "ns" / "net").write_text("")
+    mon = monitor_mod.Monitor(proc_root=root)
+    mon.table.apply(raw(kind=Kind.SNAPSHOT, skaddr=1, tgid=0, attrib=Attrib.NONE, ino=4444))
+    walks = []
+    real = procfs.socket_owners
+    monkeypatch.setattr(monitor_mod.procfs, "socket_owners",
+                        lambda pids, proc_root: walks.append(pids) or real(pids, proc_root))
+    clock = [1000.0]
+    monkeypatch.setattr(monitor_mod.time, "monotonic", lambda: clock[0])
+    assert mon.resolve_owners() == 0
+    assert mon.resolve_owners() == 0
+    assert walks == [None]  # one walk of every process, then it waits
+    mon.table.apply(raw(kind=Kind.OPEN, skaddr=2, tgid=300, ino=12345, fd=-1))
+    assert mon.resolve_owners() == 1  # a known owner: only its fds, at once
+    assert walks == [None, {300}]
+    clock[0] += monitor_mod.UNOWNED_RETRY_S
+    assert mon.resolve_owners() == 0
+    assert walks == [None, {300}, None]  # looked for again after the wait

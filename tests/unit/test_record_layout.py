@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OBJECTS = ROOT / "sockwatch" / "bpf_objects"
 LIFECYCLE = OBJECTS / "lifecycle.bpf.o"
 PROBE = OBJECTS / "probe.bpf.o"
+STACK = OBJECTS / "stack.bpf.o"
 
 
 def _btf_types(obj: Path) -> dict[int, dict]:
@@ -129,8 +132,33 @@ def test_every_planned_program_exists_in_the_objects(lifecycle_btf):
     named |= {p for by_flavour in loader._TP_PROGRAMS.values() for p in by_flavour.values()}
     named |= {p for by_flavour in loader._FUNCTION_PROGRAMS.values() for p in by_flavour.values()}
     assert named - funcs == set()
+    stack_funcs = {t["name"] for t in _btf_types(STACK).values() if t["kind"] == "FUNC"}
+    stack_named = {p for _, by_flavour in loader._STACK_HOOKS.values() for p in by_flavour.values()}
+    assert stack_named - stack_funcs == set()
     probe_funcs = {t["name"] for t in _btf_types(PROBE).values() if t["kind"] == "FUNC"}
     assert set(features.PROBE_PROGRAMS.values()) - probe_funcs == set()
+
+
+@pytest.mark.parametrize(
+    "c_name, py_struct",
+    [("sw_hist_key", records.HIST_KEY), ("sw_iface_key", records.IFACE_KEY),
+     ("sw_iface", records.IFACE)],
+)
+def test_stack_map_keys_and_values_match_object_btf(c_name, py_struct):
+    """Probes.stack_histograms()/interface_totals() unpack these with struct formats:
+    each member's offset and size must be where the format reads it."""
+    size, members = _btf_struct(_btf_types(STACK), c_name)
+    assert py_struct.size == size
+    fmt = py_struct.format.lstrip("<")
+    # expand the format into (offset, size) per scalar, skipping pad bytes
+    fields, pos = [], 0
+    for count, code in re.findall(r"(\d*)([A-Za-z])", fmt):
+        for _ in range(int(count or 1)):
+            width = struct.calcsize(code)
+            if code != "x":
+                fields.append((pos, width))
+            pos += width
+    assert [(o, s) for name, o, s in members if not name.startswith("__pad")] == fields
 
 
 # -- layout_mismatches itself: the guard must actually fire ------------------------

@@ -24,7 +24,7 @@ FUZZ = settings(max_examples=400, database=None, deadline=None,
 
 def test_event_size_matches_ctypes_struct():
     """The decoder's struct format and the ctypes mirror must agree on the record size."""
-    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 288
+    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 312
     assert len(raw()) == records.EVENT_SIZE
 
 
@@ -41,6 +41,7 @@ def test_every_field_round_trips_ipv4():
         bytes_acked=1_000_001, bytes_received=2_000_002, bytes_sent=3_000_003,
         bytes_retrans=4_004, segs_out=11, segs_in=12, total_retrans=13, srtt_us=1414,
         listen_backlog=15, peer_fin=1,
+        accept_wait_ns=16_000_016, rcvq_wait_p50_ns=17_000_017, rcvq_wait_max_ns=18_000_018,
     )
     assert ev.kind is Kind.CLOSE and ev.role is Role.CLIENT
     assert ev.result is Result.RESET and ev.attrib is Attrib.FIRST_IO
@@ -61,6 +62,8 @@ def test_every_field_round_trips_ipv4():
     assert (ev.segs_out, ev.segs_in, ev.total_retrans, ev.srtt_us, ev.listen_backlog) == (
         11, 12, 13, 1414, 15)
     assert ev.peer_fin is True
+    assert (ev.accept_wait_ns, ev.rcvq_wait_p50_ns, ev.rcvq_wait_max_ns) == (
+        16_000_016, 17_000_017, 18_000_018)
 
 
 @pytest.mark.parametrize(

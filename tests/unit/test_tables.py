@@ -263,3 +263,42 @@ def test_walk_row_read_before_a_close_does_not_resurrect_it():
     # outside a walk the memory is gone: a later socket at the address is welcome
     tbl.merge_snapshot([snap(skaddr=A, t=9_000, state_ns={SYN_SENT: 8_000})])
     assert A in tbl.live
+
+
+def _state(tbl):
+    """Everything a view could read of a table."""
+    def row(r):
+        return (r.raw, r.ts_ns, r.alive_since_ns, r.tgid, r.comm_bytes, r.fd, r.attrib,
+                r.named, r.seen_by, r.closed_ns, r.reconciled)
+    return ({k: row(r) for k, r in tbl.live.items()}, [row(r) for r in tbl.closed],
+            dict(tbl.counters), dict(tbl.ended))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_fast_path_matches_one_by_one(seed):
+    """apply_batch applies the common OPEN and CLOSE inline; whatever the mix of
+    kinds, owners, reused addresses and out-of-order times, the table must end
+    exactly as applying each record on its own would leave it."""
+    import random
+
+    rnd = random.Random(seed)
+    recs = []
+    for _ in range(200):
+        t = rnd.randrange(1_000, 50_000)
+        kw = dict(skaddr=rnd.choice((A, B, C)), tgid=rnd.choice((0, 7, 8)),
+                  fd=rnd.choice((-1, 3, 4)), comm=rnd.choice((b"a", b"b")),
+                  attrib=rnd.choice(list(Attrib)), role=rnd.choice(list(Role)),
+                  open_ns=rnd.choice((0, t - 500, t)))
+        kind = rnd.choice((Kind.OPEN, Kind.CLOSE, Kind.SNAPSHOT))
+        if kind == Kind.OPEN:
+            recs.append(opened(t=t, **kw))
+        elif kind == Kind.CLOSE:
+            recs.append(closed(t=t, result=rnd.choice(list(Result)), **kw))
+        else:
+            recs.append(snap(t=t, **kw))
+    batch, single = ConnTable(max_live=2), ConnTable(max_live=2)
+    blob = b"".join(recs)
+    batch.apply_batch(blob, range(0, len(blob), records.EVENT_SIZE))
+    for rec in recs:
+        single.apply(rec)
+    assert _state(batch) == _state(single)

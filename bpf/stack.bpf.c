@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Per-layer latency along the kernel's TCP path, per network interface, and
+ * per-interface packet/byte/driver-error totals.
+ *
+ *   tx: write enters TCP ─tcp─► net_dev_queue ─qdisc─► net_dev_start_xmit
+ *       ─driver─► net_dev_xmit
+ *   rx: netif_receive_skb ─driver─► tcp_probe ─tcp─► sk_data_ready
+ *       ─socket─► the application's read
+ *
+ * Everything is aggregated here: per-CPU log2 histograms keyed by (netns,
+ * ifindex, direction, layer) and per-CPU interface totals. Nothing per packet
+ * goes to user space. These hooks fire per packet, so each does a handful of
+ * map operations and reads and no more; user space can leave the whole object
+ * unloaded (--no-stack-latency).
+ *
+ * How one piece of data is followed between two points, cheapest first:
+ * - same CPU, same call chain (start_xmit -> xmit, tcp_probe -> data_ready):
+ *   a per-CPU slot holding the skb or sock and its time;
+ * - across CPUs or deferred work (a qdisc dequeued later or elsewhere; a
+ *   packet parked in the socket backlog while its owner holds the lock): an
+ *   LRU hash keyed by the skb's address, written once and deleted when
+ *   matched. The kernel stamps no usable time of its own there: skb->tstamp
+ *   is set on receive only while some socket asks for timestamps, and on
+ *   transmit holds TCP's departure time, in the future under pacing;
+ * - across system calls (write -> segment sent, queued -> read): one sampled
+ *   byte per socket and direction, named by its TCP sequence number, in the
+ *   sock_stack map. The wait is exact for that byte however writes and reads
+ *   split the stream; a new sample starts once the last one is measured.
+ *
+ * Hooks come in tp_btf / raw_tp / classic tracepoint variants around one
+ * handler each, as in lifecycle.bpf.c; the loader keeps the best that loads.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "sockwatch.h"
+#include "maps.bpf.h"
+#include "shared.bpf.h"
+#include "core_fixes.bpf.h"
+
+/*
+ * The tp_btf and raw_tp variants of one hook: the same arguments and the same
+ * handler call; user space keeps the one that loads (see the loader).
+ */
+#define TP_BTF_AND_RAW(name, tp, call, args...)				\
+SEC("tp_btf/" #tp)							\
+int BPF_PROG(name##_btf, args)						\
+{									\
+	return call;							\
+}									\
+SEC("raw_tp/" #tp)							\
+int BPF_PROG(name##_raw, args)						\
+{									\
+	return call;							\
+}
+
+#define AF_INET		2
+#define AF_INET6	10
+#define IPPROTO_TCP	6
+#define ETH_P_IP	0x0800
+#define ETH_P_IPV6	0x86DD
+#define MAC_UNSET	0xffff
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* One histogram per (netns, ifindex, direction, layer): SW_HIST_STRIDE __u64. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);	/* 6 layers: ~170 interfaces */
+	__type(key, struct sw_hist_key);
+	__type(value, __u64[SW_HIST_STRIDE]);
+} stack_hists SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct sw_iface_key);
+	__type(value, struct sw_iface);
+} ifaces SEC(".maps");
+
+/* net_dev_queue time of each queued skb, until net_dev_start_xmit takes it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);	/* skbs waiting in all qdiscs at once */
+	__type(key, __u64);		/* struct sk_buff * */
+	__type(value, __u64);
+} tx_queued SEC(".maps");
+
+/* Where and when each received TCP skb entered the stack, until TCP takes it. */
+struct rx_mark {
+	__u64 ns;
+	__u32 netns;
+	__u32 ifindex;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);	/* skbs between the driver and TCP (backlogs) */
+	__type(key, __u64);		/* struct sk_buff * */
+	__type(value, struct rx_mark);
+} rx_received SEC(".maps");
+
+/* The one skb in a driver's xmit and the one sock in TCP receive, per CPU. */
+struct cpu_slot {
+	__u64 tx_skb;
+	__u64 tx_ns;
+	__u32 tx_netns;
+	__u32 tx_ifindex;
+	__u64 rx_sk;
+	__u64 rx_ns;
+	__u32 rx_netns;
+	__u32 rx_ifindex;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cpu_slot);
+} cpu_slots SEC(".maps");
+
+static const __u64 zero_hist[SW_HIST_STRIDE];
+static const struct sw_iface zero_iface;
+static const struct sw_stack_sock zero_sock;
+
+static __always_inline struct cpu_slot *cpu_slot(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&cpu_slots, &zero);
+}
+
+static __always_inline void observe(__u32 netns, __u32 ifindex, __u8 dir, __u8 layer,
+				    __u64 ns)
+{
+	struct sw_hist_key key = { .netns = netns, .ifindex = ifindex, .dir = dir,
+				   .layer = layer };
+	__u64 *hist = lookup_or_init(&stack_hists, &key, zero_hist);
+
+	if (hist)
+		hist_add(hist, ns);
+	else
+		percpu_inc(&stats, SW_STAT_STACK_HISTS_FULL);
+}
+
+static __always_inline struct sw_iface *iface(__u32 netns, __u32 ifindex)
+{
+	struct sw_iface_key key = { .netns = netns, .ifindex = ifindex };
+	struct sw_iface *t = lookup_or_init(&ifaces, &key, &zero_iface);
+
+	if (!t)
+		percpu_inc(&stats, SW_STAT_IFACES_FULL);
+	return t;
+}
+
+static __always_inline __u32 dev_netns(const struct net_device *dev)
+{
+	return BPF_CORE_READ(dev, nd_net.net, ns.inum);
+}
+
+static __always_inline __u32 sock_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline bool is_tcp(const struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	return (family == AF_INET || family == AF_INET6) && sk_protocol(sk) == IPPROTO_TCP;
+}
+
+/* (s32)(a - b) >= 0: sequence a is at or after b, modulo 2^32 as TCP compares. */
+static __always_inline bool seq_reached(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) >= 0;
+}
+
+/* ---- tx tcp: the application's write enters TCP ... ------------------------- */
+
+/*
+ * tcp:tcp_sendmsg_locked fires in tcp_sendmsg_locked() (write, send, sendmsg,
+ * sendfile/splice) each time TCP is about to copy more of the caller's data
+ * into its write queue, before it copies: write_seq is then the sequence
+ * number of the first byte this write adds. The earliest point where data
+ * "enters TCP" that has a tracepoint (v6.10+; the loader reports the layer as
+ * unavailable on older kernels). Its classic tracepoint has no sock address,
+ * so it has tp_btf and raw_tp variants only.
+ */
+static __always_inline int handle_sendmsg(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct sw_stack_sock *q = lookup_or_init(&sock_stack, &key, &zero_sock);
+
+	if (q && !q->tx_since_ns) {
+		q->tx_seq = BPF_CORE_READ((const struct tcp_sock *)sk, write_seq);
+		q->tx_since_ns = bpf_ktime_get_ns();
+	}
+	return 0;
+}
+
+TP_BTF_AND_RAW(sendmsg, tcp_sendmsg_locked, handle_sendmsg(sk), const struct sock *sk)
+
+/* ---- ... leaves TCP (and IP); tx qdisc starts ------------------------------- */
+
+/*
+ * Does this transmitted skb carry sequence number @seq? Read from the TCP
+ * header in the packet: TCP's own control block (seq, end_seq) is wiped
+ * before the skb goes down to IP.
+ */
+static __always_inline bool carries(const struct sk_buff *skb, __u32 seq)
+{
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	unsigned char *data = BPF_CORE_READ(skb, data);
+	__u16 th_off = BPF_CORE_READ(skb, transport_header);
+	__u32 len = BPF_CORE_READ(skb, len);
+	__u8 th[13];
+	__u32 start, hdrs;
+
+	if (bpf_probe_read_kernel(th, sizeof(th), head + th_off))
+		return false;
+	start = bpf_ntohl(*(__u32 *)&th[4]);
+	hdrs = (head + th_off - data) + (th[12] >> 4) * 4;
+	return len > hdrs && seq_reached(start + (len - hdrs) - 1, seq);
+}
+
+/*
+ * net:net_dev_queue fires in __dev_queue_xmit() for every packet handed to a
+ * device, before its qdisc (or none: noqueue devices transmit at once). The
+ * point where a segment has left TCP and IP; the IP output between the two is
+ * synchronous and a microsecond or so, so this is the end of the tx tcp layer
+ * too (the first point after tcp_transmit_skb with the sock: skb->sk). Every
+ * skb's queue time is kept for net_dev_start_xmit.
+ */
+static __always_inline int handle_dev_queue(struct sk_buff *skb)
+{
+	__u64 key = (__u64)skb, now = bpf_ktime_get_ns();
+	const struct sock *sk = BPF_CORE_READ(skb, sk);
+	struct sw_stack_sock *q;
+
+	bpf_map_update_elem(&tx_queued, &key, &now, BPF_ANY);
+	if (!sk)
+		return 0;
+	key = (__u64)sk;
+	q = bpf_map_lookup_elem(&sock_stack, &key);
+	if (q && q->tx_since_ns && carries(skb, q->tx_seq)) {
+		const struct net_device *dev = BPF_CORE_READ(skb, dev);
+
+		observe(dev_netns(dev), BPF_CORE_READ(dev, ifindex), SW_DIR_TX, SW_LAYER_TCP,
+			now - q->tx_since_ns);
+		q->tx_since_ns = 0;
+	}
+	return 0;
+}
+
+TP_BTF_AND_RAW(dev_queue, net_dev_queue, handle_dev_queue(skb), struct sk_buff *skb)
+
+SEC("tp/net/net_dev_queue")
+int dev_queue_tp(struct trace_event_raw_net_dev_template *ctx)
+{
+	return handle_dev_queue(ctx->skbaddr);
+}
+
+/* ---- tx qdisc ends, tx driver starts ---------------------------------------- */
+
+/*
+ * net:net_dev_start_xmit fires in xmit_one() just before the driver's
+ * ndo_start_xmit, after the qdisc released the skb (possibly later, on
+ * another CPU: hence the hash). A GSO skb that had to be segmented in
+ * software reaches here as new skbs: those show no qdisc wait.
+ */
+static __always_inline int handle_start_xmit(const struct sk_buff *skb,
+					     const struct net_device *dev)
+{
+	__u64 key = (__u64)skb, now = bpf_ktime_get_ns();
+	struct cpu_slot *slot = cpu_slot();
+	__u64 *queued;
+
+	if (!slot)
+		return 0;
+	slot->tx_skb = key;
+	slot->tx_ns = now;
+	slot->tx_netns = dev_netns(dev);
+	slot->tx_ifindex = BPF_CORE_READ(dev, ifindex);
+	queued = bpf_map_lookup_elem(&tx_queued, &key);
+	if (queued) {
+		if (now >= *queued)
+			observe(slot->tx_netns, slot->tx_ifindex, SW_DIR_TX, SW_LAYER_QDISC,
+				now - *queued);
+		bpf_map_delete_elem(&tx_queued, &key);
+	}
+	return 0;
+}
+
+TP_BTF_AND_RAW(start_xmit, net_dev_start_xmit, handle_start_xmit(skb, dev),
+	       const struct sk_buff *skb, const struct net_device *dev)
+
+SEC("tp/net/net_dev_start_xmit")
+int start_xmit_tp(struct trace_event_raw_net_dev_start_xmit *ctx)
+{
+	const struct sk_buff *skb = ctx->skbaddr;
+
+	return handle_start_xmit(skb, BPF_CORE_READ(skb, dev));
+}
+
+/*
+ * net:net_dev_xmit fires in xmit_one() right after ndo_start_xmit returns, on
+ * the same CPU (so the per-CPU slot pairs the two), with the driver's return
+ * code and the length it was given. The skb may be freed by now: only its
+ * address is compared, and the device comes from the slot. A nested transmit
+ * (a tunnel device's xmit calling another device's) overwrites the slot: the
+ * outer one then goes unmeasured and uncounted.
+ */
+static __always_inline int handle_xmit(const struct sk_buff *skb, int rc, __u32 len)
+{
+	struct cpu_slot *slot = cpu_slot();
+	struct sw_iface *t;
+
+	if (!slot || slot->tx_skb != (__u64)skb)
+		return 0;
+	slot->tx_skb = 0;
+	observe(slot->tx_netns, slot->tx_ifindex, SW_DIR_TX, SW_LAYER_DRIVER,
+		bpf_ktime_get_ns() - slot->tx_ns);
+	t = iface(slot->tx_netns, slot->tx_ifindex);
+	if (!t)
+		return 0;
+	if (rc) {
+		t->driver_errors++;
+	} else {
+		t->tx_packets++;
+		t->tx_bytes += len;
+	}
+	return 0;
+}
+
+TP_BTF_AND_RAW(xmit, net_dev_xmit, handle_xmit(skb, rc, len),
+	       struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
+
+SEC("tp/net/net_dev_xmit")
+int xmit_tp(struct trace_event_raw_net_dev_xmit *ctx)
+{
+	return handle_xmit(ctx->skbaddr, ctx->rc, ctx->len);
+}
+
+/* ---- rx driver: the driver hands the packet to the stack ... --------------- */
+
+/* The IP protocol of a received packet (skb->data is at the network header). */
+static __always_inline __u8 ip_proto(const struct sk_buff *skb)
+{
+	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	unsigned char *data = BPF_CORE_READ(skb, data);
+	__u8 p = 0;
+
+	if (proto == ETH_P_IP)
+		bpf_probe_read_kernel(&p, 1, data + 9);		/* iphdr.protocol */
+	else if (proto == ETH_P_IPV6)
+		bpf_probe_read_kernel(&p, 1, data + 6);		/* ipv6hdr.nexthdr */
+	return p;
+}
+
+/*
+ * net:netif_receive_skb fires in __netif_receive_skb_core() for every packet a
+ * driver delivers to the stack, whichever way it came (NAPI poll, GRO flush,
+ * netif_rx backlog as veth and loopback use): one hook for all drivers, after
+ * GRO merged what it could (napi_gro_receive_entry fires earlier, per wire
+ * packet, but the packets it sees are merged away). Counts the interface's
+ * received packets and bytes as its driver does (link-layer header
+ * included), and marks TCP packets for tcp_probe.
+ */
+static __always_inline int handle_receive(const struct sk_buff *skb)
+{
+	const struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct rx_mark mark = { .ns = bpf_ktime_get_ns() };
+	__u16 mac = BPF_CORE_READ(skb, mac_header);
+	__u32 len = BPF_CORE_READ(skb, len);
+	__u64 key = (__u64)skb;
+	struct sw_iface *t;
+
+	mark.netns = dev_netns(dev);
+	mark.ifindex = BPF_CORE_READ(dev, ifindex);
+	t = iface(mark.netns, mark.ifindex);
+	if (t) {
+		if (mac != MAC_UNSET)
+			len += BPF_CORE_READ(skb, data) - (BPF_CORE_READ(skb, head) + mac);
+		t->rx_packets++;
+		t->rx_bytes += len;
+	}
+	if (ip_proto(skb) == IPPROTO_TCP)
+		bpf_map_update_elem(&rx_received, &key, &mark, BPF_ANY);
+	return 0;
+}
+
+TP_BTF_AND_RAW(receive, netif_receive_skb, handle_receive(skb), struct sk_buff *skb)
+
+SEC("tp/net/netif_receive_skb")
+int receive_tp(struct trace_event_raw_net_dev_template *ctx)
+{
+	return handle_receive(ctx->skbaddr);
+}
+
+/* ---- ... -> TCP; rx tcp starts --------------------------------------------- */
+
+/*
+ * tcp:tcp_probe fires at the top of tcp_rcv_established(), where TCP starts
+ * processing a segment of an established connection: in softirq, or later in
+ * the owner's release_sock() when the segment waited in the socket backlog
+ * (that wait is part of the driver -> TCP layer). Segments of other states
+ * (handshake) are not followed; their marks age out of the LRU.
+ */
+static __always_inline int handle_tcp_rcv(const struct sock *sk, const struct sk_buff *skb)
+{
+	__u64 key = (__u64)skb, now = bpf_ktime_get_ns();
+	struct cpu_slot *slot = cpu_slot();
+	struct rx_mark *mark;
+
+	if (!slot)
+		return 0;
+	mark = bpf_map_lookup_elem(&rx_received, &key);
+	if (mark) {
+		slot->rx_netns = mark->netns;
+		slot->rx_ifindex = mark->ifindex;
+		if (now >= mark->ns)
+			observe(mark->netns, mark->ifindex, SW_DIR_RX, SW_LAYER_DRIVER,
+				now - mark->ns);
+		bpf_map_delete_elem(&rx_received, &key);
+	} else {
+		slot->rx_netns = sock_netns(sk);
+		slot->rx_ifindex = BPF_CORE_READ(skb, skb_iif);
+	}
+	slot->rx_sk = (__u64)sk;
+	slot->rx_ns = now;
+	return 0;
+}
+
+TP_BTF_AND_RAW(tcp_rcv, tcp_probe, handle_tcp_rcv(sk, skb),
+	       struct sock *sk, const struct sk_buff *skb)
+
+SEC("tp/tcp/tcp_probe")
+int tcp_rcv_tp(struct trace_event_raw_tcp_probe *ctx)
+{
+	return handle_tcp_rcv(ctx->skaddr, ctx->skbaddr);
+}
+
+/* ---- TCP -> socket receive queue; rx socket starts -------------------------- */
+
+/*
+ * sock:sk_data_ready fires when a socket is told data is readable: for TCP,
+ * tcp_data_ready() right after a segment's payload was queued (same CPU and
+ * call chain as its tcp_probe, so the per-CPU slot pairs them). rcv_nxt then
+ * ends the data just queued: its last byte becomes the socket's receive
+ * sample unless one is pending.
+ */
+static __always_inline int handle_data_ready(const struct sock *sk)
+{
+	struct cpu_slot *slot = cpu_slot();
+	__u64 key = (__u64)sk, now = bpf_ktime_get_ns();
+	struct sw_stack_sock *q;
+	bool from_tcp;
+
+	if (!slot)
+		return 0;
+	from_tcp = slot->rx_sk == key;
+	if (from_tcp) {
+		slot->rx_sk = 0;
+		observe(slot->rx_netns, slot->rx_ifindex, SW_DIR_RX, SW_LAYER_TCP,
+			now - slot->rx_ns);
+	} else if (!is_tcp(sk)) {
+		return 0;
+	}
+	q = lookup_or_init(&sock_stack, &key, &zero_sock);
+	if (!q || q->rcvq_since_ns)
+		return 0;
+	if (from_tcp) {
+		q->rx_netns = slot->rx_netns;
+		q->rx_ifindex = slot->rx_ifindex;
+	} else if (!q->rx_ifindex) {
+		return 0;	/* no interface known yet: the next data starts the sample */
+	}
+	q->rcvq_seq = BPF_CORE_READ((const struct tcp_sock *)sk, rcv_nxt) - 1;
+	q->rcvq_since_ns = now;
+	return 0;
+}
+
+TP_BTF_AND_RAW(data_ready, sk_data_ready, handle_data_ready(sk), const struct sock *sk)
+
+SEC("tp/sock/sk_data_ready")
+int data_ready_tp(struct trace_event_raw_sk_data_ready *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP ? handle_data_ready(ctx->skaddr) : 0;
+}
+
+/* ---- the application's read: rx socket ends --------------------------------- */
+
+/* Count @ns in the socket's saturating log4 slots (see SW_RCVQ_SLOTS). */
+static __always_inline void rcvq_count(struct sw_stack_sock *q, __u64 ns)
+{
+	__u64 us = (ns + 999) / 1000;
+	__u32 k = us <= 1 ? 0 : (log2_u64(us - 1) + 2) / 2;	/* ceil(log4(us)) */
+	int i;
+
+	if (ns > q->rcvq_max_ns)
+		q->rcvq_max_ns = ns;
+	k = k < SW_RCVQ_SLOTS ? k : SW_RCVQ_SLOTS - 1;
+	barrier_var(k);
+	if (k >= SW_RCVQ_SLOTS)
+		return;
+	if (q->rcvq_slots[k] == 0xffff) {
+#pragma unroll
+		for (i = 0; i < SW_RCVQ_SLOTS; i++)
+			q->rcvq_slots[i] >>= 1;
+	}
+	q->rcvq_slots[k]++;
+}
+
+/*
+ * sock:sock_recv_length fires at the end of every recvmsg on a socket, in the
+ * reading task, with what it returned. Once copied_seq (what the application
+ * has read) reaches the sampled byte, that byte waited from sk_data_ready to
+ * now. MSG_PEEK does not move copied_seq, so a peek measures nothing.
+ */
+static __always_inline int handle_recv(const struct sock *sk, int ret)
+{
+	__u64 key = (__u64)sk;
+	struct sw_stack_sock *q;
+	__u64 wait;
+
+	if (ret <= 0)
+		return 0;
+	q = bpf_map_lookup_elem(&sock_stack, &key);
+	if (!q || !q->rcvq_since_ns ||
+	    !seq_reached(BPF_CORE_READ((const struct tcp_sock *)sk, copied_seq), q->rcvq_seq + 1))
+		return 0;
+	wait = bpf_ktime_get_ns() - q->rcvq_since_ns;
+	q->rcvq_since_ns = 0;
+	rcvq_count(q, wait);
+	observe(q->rx_netns, q->rx_ifindex, SW_DIR_RX, SW_LAYER_SOCKET, wait);
+	return 0;
+}
+
+TP_BTF_AND_RAW(read, sock_recv_length, handle_recv(sk, ret), struct sock *sk, int ret, int flags)
+
+SEC("tp/sock/sock_recv_length")
+int read_tp(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP ? handle_recv(ctx->sk, ctx->ret) : 0;
+}
