@@ -138,18 +138,22 @@ class ConnTable:
         the engine's whole per-record cost, and calls are most of it in Python.
         """
         live, closed, ended, counters = self.live, self.closed, self.ended, self.counters
+        last = len(blob) - _SIZE
         for off in offsets:
+            if not 0 <= off <= last:
+                counters["malformed"] += 1  # a torn or misaddressed record
+                continue
             h = _hot(blob, off)
             ts, skaddr, kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
             row = live.get(skaddr)
-            if (kind == _OPEN and row is None and role < _N_ROLES
+            if (kind == _OPEN and row is None and role < _N_ROLES and attrib < _N_ATTRIBS
                     and len(live) < self.max_live):
                 live[skaddr] = Row(blob[off : off + _SIZE], ts, open_ns or ts, netns, tgid, fd,
                                    attrib, "event")
                 counters[_OPENED[role]] += 1
             elif (kind == _CLOSE and row is not None and open_ns and ts >= row.alive_since_ns
                     and ts >= row.ts_ns and role < _N_ROLES and result < _N_RESULTS
-                    and self._walk_since is None):
+                    and attrib < _N_ATTRIBS and self._walk_since is None):
                 del live[skaddr]
                 # _replace and _take_owner, for a record that is now the row's latest
                 if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
