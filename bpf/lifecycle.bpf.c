@@ -171,11 +171,20 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 		fresh.state_ns[state_slot(state)] = now;
 	if (attrib)
 		set_owner(&fresh, sk, attrib);
-	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
+	if (!bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
+		percpu_inc(&stats, SW_STAT_SOCKS_ADDED);
+	} else if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
 		percpu_inc(&stats, SW_STAT_SOCKS_FULL);
 		return NULL;
 	}
 	return bpf_map_lookup_elem(&socks, &key);
+}
+
+/* Stop tracking a socket (counted only if it was still there: not evicted). */
+static __always_inline void untrack(__u64 key)
+{
+	if (!bpf_map_delete_elem(&socks, &key))
+		percpu_inc(&stats, SW_STAT_SOCKS_REMOVED);
 }
 
 /* The kernel's own TCP counters, read once per close (and per snapshot row). */
@@ -543,7 +552,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
 		else if (s->role != SW_ROLE_LISTENER)
 			account_close(s, &c, now);
-		bpf_map_delete_elem(&socks, &key);
+		untrack(key);
 		bpf_map_delete_elem(&sock_stack, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
@@ -775,7 +784,7 @@ static __always_inline int handle_destroy(const struct sock *sk)
 	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, bpf_ktime_get_ns());
 	if (s->role != SW_ROLE_LISTENER)
 		account_close(s, &c, bpf_ktime_get_ns());
-	bpf_map_delete_elem(&socks, &key);
+	untrack(key);
 	bpf_map_delete_elem(&sock_stack, &key);
 	return 0;
 }

@@ -53,6 +53,7 @@ class Loss:
     undelivered: int  # applied to the tables but dropped before run()'s consumers saw them
     untracked_close: int  # not a loss: closes of sockets that predate sockwatch
     suppressed_close: int  # test switch only
+    socks_evicted: int  # sockets the full socks LRU map forgot (as of the last walk)
 
 
 class Monitor:
@@ -86,6 +87,8 @@ class Monitor:
         self.netns = current_netns(proc_root)
         self.interfaces = InterfaceNames(self.netns, NamespaceLinks(self.netns, proc_root))
         self.started_ns = 0
+        self.socks_entries = 0
+        self.socks_evicted = 0
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +182,10 @@ class Monitor:
             self.sync()  # closes during the walk win over rows read before them
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
+            probes = self.probes
+            if probes is not None:  # the map's fill, counted with each walk, not per scrape
+                self.socks_entries, evicted = probes.socks_fill()
+                self.socks_evicted = max(self.socks_evicted, evicted)  # a counter: never back
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
         self.name_interfaces()
         return removed
@@ -349,4 +356,5 @@ class Monitor:
             undelivered=self.table.counters["undelivered"],
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
+            socks_evicted=self.socks_evicted,
         )

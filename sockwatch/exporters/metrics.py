@@ -203,6 +203,12 @@ class SockwatchCollector(Collector):
         yield m
         m = GaugeMetricFamily(P + "table_entries", "Entries in sockwatch's tables.", labels=["table"])
         m.add_metric(["connections"], live_count)
+        m.add_metric(["socks_map"], mon.socks_entries)
+        yield m
+        m = CounterMetricFamily(P + "map_evictions", "Entries a full LRU map evicted "
+                                "(socks: sockets whose close will be untracked).",
+                                labels=["map"])
+        m.add_metric(["socks"], loss.socks_evicted)
         yield m
         m = GaugeMetricFamily(P + "table_capacity", "Capacity of sockwatch's tables and maps.",
                               labels=["table"])

@@ -32,6 +32,7 @@ from sockwatch.kernel.libbpf import (
     BpfObject,
     LibbpfError,
     Link,
+    count_keys,
     create_iterator,
     read_all,
     read_hash,
@@ -269,6 +270,7 @@ class Probes:
         self._totals_fd = obj.map_fd("totals")
         self._hists_fd = obj.map_fd("hists")
         self._lost_fd = obj.map_fd("lost")
+        self._socks_fd = obj.map_fd("socks")
         self.socks_capacity = obj.map_max_entries("socks")
 
     def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
@@ -298,6 +300,16 @@ class Probes:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
         raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)
         return {records.decode_total_key(k): int.from_bytes(v, "little") for k, v in raw.items()}
+
+    def socks_fill(self) -> tuple[int, int]:
+        """(entries in the socks LRU map, entries it evicted so far). The map evicts
+        silently; we count what we add and remove, so evicted = added - removed -
+        present. Exact on a quiet map; under churn it errs low (added is read
+        before the count, removed after), by at most what changed meanwhile."""
+        added = self.stats()[records.Stat.SOCKS_ADDED]
+        present = count_keys(self._socks_fd, 8)
+        removed = self.stats()[records.Stat.SOCKS_REMOVED]
+        return present, max(0, added - removed - present)
 
     def lost_records(self) -> dict[tuple[int, records.Kind, records.Role], int]:
         """Records the ring buffer refused, by (netns inode, kind, role): the
