@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,8 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0 or not shutil.which("gcc"):
         print("bounds.py: run as root, with gcc installed", file=sys.stderr)
         return 2
+    # SIGTERM ends the run early but still stops the daemon and the helpers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with tempfile.TemporaryDirectory(prefix="sw-bounds-") as tmp:
         workdir = Path(tmp)
         src, exe = workdir / "swbench.c", workdir / "swbench"
