@@ -200,3 +200,43 @@ def test_rejected_object_names_the_program_and_shows_the_verifier_log(tmp_path):
     assert "'deref_scalar'" in first and "bad.bpf.o" in first, first
     assert "invalid mem access 'scalar'" in text, text
     assert "bpf_get_prandom_u32" in text  # the failing instructions are shown
+
+
+# -- 2. bounded state (scaled down; bench/bounds.py runs 150k and 1M) ----------------------
+def test_more_connections_than_table_and_map_hold_are_counted_not_fatal():
+    """2500 connections (5000 sockets) against a 2000-row table and a 1024-entry
+    kernel map: the table stops at its cap and counts what it refused, the map
+    evicts and the evictions are counted; once they close, the table is back to
+    what ss shows and the map is nearly empty again."""
+    n, addr, cap, map_size = 2500, "127.0.93.9", 2000, 1024
+    with Monitor(LoaderConfig(socks_max_entries=map_size), max_live=cap,
+                 closed_capacity=512) as mon:
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(n), addr],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            port = json.loads(proc.stdout.readline())["port"]
+            proc.stdin.write("0\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline()) == {"closed": 0}
+            mon.reconcile()
+            held = (len(mon.table.live), mon.table.counters["table_full"],
+                    mon.socks_entries, mon.socks_evicted)
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+        mon.reconcile()  # the closes, and the walk that retires what they missed
+        # TIME-WAIT minisockets are the kernel's, not a connection: sockwatch lists none
+        truth = {t for t in ss_sockets(addr, port) if t[2] != "TIME-WAIT"}
+        with mon.lock:
+            mine = [r for r in mon.table.live.values() if port in
+                    (r.connection().ev.sport, r.connection().ev.dport)]
+        after = (len(mon.table.live), mon.socks_entries, mon.socks_evicted, len(mon.table.closed))
+    rows, refused, entries, evicted = held
+    print(f"\nFIGURES {2 * n} sockets: table {rows}/{cap} rows, {refused} refused; socks map "
+          f"{entries}/{map_size}, {evicted} evicted; closed: {after[0]} rows, map {after[1]}")
+    assert cap - 100 <= rows <= cap and refused >= 2 * n - cap  # the host churns too
+    assert entries <= map_size and evicted >= 2 * n - map_size
+    assert truth == set() and mine == []
+    assert after[1] < map_size // 4  # the map drains as sockets close
+    assert after[2] >= evicted  # a counter: never back
+    assert after[3] <= 512
