@@ -133,13 +133,17 @@ class Workload:
             i += 1
             yield
 
-    def _short_server(self) -> None:
-        name_thread("swsoak-srv")
+    def _accepted(self, srv: socket.socket):
+        """Connections accepted on ``srv`` until stopped (the timeout lets it look)."""
         while not self.stop.is_set():
             try:
-                conn, _ = self.short_srv.accept()
+                yield srv.accept()[0]
             except (socket.timeout, OSError):
                 continue
+
+    def _short_server(self) -> None:
+        name_thread("swsoak-srv")
+        for conn in self._accepted(self.short_srv):
             with conn:
                 conn.settimeout(5)
                 try:
@@ -175,11 +179,7 @@ class Workload:
 
     def _bulk_server(self) -> None:
         name_thread("swsoak-bsrv")
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.bulk_srv.accept()
-            except (socket.timeout, OSError):
-                continue
+        for conn in self._accepted(self.bulk_srv):
             threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
 
     def _drain(self, conn: socket.socket) -> None:

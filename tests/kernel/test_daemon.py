@@ -857,12 +857,12 @@ def test_sigkill_leaves_no_program_behind_and_a_restart_is_right_within_seconds(
     go backwards within a run and sockwatch_start_time_seconds tells runs apart (so
     PromQL's rate()/increase() handle the reset)."""
     d = daemons(FAST)
+    first = d.metrics()
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     c = socket.create_connection(("127.0.0.1", port))
-    a, _ = srv.accept()
+    a, _ = srv.accept()  # held across the restart: the data that must come back
     try:
-        first = d.metrics()
         for _ in range(20):  # traffic between two scrapes of the same run
             socket.create_connection(("127.0.0.1", port)).close()
             srv.accept()[0].close()
