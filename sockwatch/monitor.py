@@ -349,7 +349,8 @@ class Monitor:
         return Loss(
             ringbuf_full=st[records.Stat.RINGBUF_FULL],
             socks_map_full=st[records.Stat.SOCKS_FULL],
-            decode_errors=self._reader.decode_errors,
+            # the reader's torn records and the rows the table could not apply
+            decode_errors=self._reader.decode_errors + self.table.counters["malformed"],
             table_full=self.table.counters["table_full"],
             totals_map_full=st[records.Stat.TOTALS_FULL],
             recursion_misses=self.probes.recursion_misses(),

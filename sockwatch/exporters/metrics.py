@@ -182,7 +182,7 @@ class SockwatchCollector(Collector):
         m.add_metric(["undelivered"], loss.undelivered)
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
-                                  value=loss.decode_errors + counters.get("malformed", 0))
+                                  value=loss.decode_errors)
         yield CounterMetricFamily(P + "rescued_records",
                                   "Records the main ring buffer refused (its lock timed out) "
                                   "that the rescue ring buffer took: delivered, not lost.",
