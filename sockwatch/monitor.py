@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from sockwatch import latency, records
 from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
+from sockwatch.kernel.libbpf import release_freed_heap
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
 from sockwatch.seed import procfs
@@ -188,6 +189,10 @@ class Monitor:
                 self.socks_evicted = max(self.socks_evicted, evicted)  # a counter: never back
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
         self.name_interfaces()
+        # A walk allocates a bytes object per socket and a flood big drained batches;
+        # glibc keeps freed heap, so without this RSS stays at the largest ever seen
+        # (measured: 94 -> 71 MB after 80k sockets closed; about 4 ms).
+        release_freed_heap()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
