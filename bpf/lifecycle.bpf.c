@@ -116,6 +116,14 @@ struct {
 	__type(value, __u64);
 } hists SEC(".maps");
 
+/* Lost records by namespace, kind and role (struct sw_lost_key); bounded, LRU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct sw_lost_key);
+	__type(value, __u64);
+} lost SEC(".maps");
+
 /* Scratch record for the iterator: too large for the 512-byte stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -163,11 +171,20 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 		fresh.state_ns[state_slot(state)] = now;
 	if (attrib)
 		set_owner(&fresh, sk, attrib);
-	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
+	if (!bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
+		percpu_inc(&stats, SW_STAT_SOCKS_ADDED);
+	} else if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
 		percpu_inc(&stats, SW_STAT_SOCKS_FULL);
 		return NULL;
 	}
 	return bpf_map_lookup_elem(&socks, &key);
+}
+
+/* Stop tracking a socket (counted only if it was still there: not evicted). */
+static __always_inline void untrack(__u64 key)
+{
+	if (!bpf_map_delete_elem(&socks, &key))
+		percpu_inc(&stats, SW_STAT_SOCKS_REMOVED);
 }
 
 /* The kernel's own TCP counters, read once per close (and per snapshot row). */
@@ -281,6 +298,23 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 	}
 }
 
+/* A record the ring buffer refused: count it, in total and by where it came from. */
+static __always_inline void count_lost(const struct sw_sock *s, const struct sock *sk, __u8 kind)
+{
+	struct sw_lost_key key = { .netns = sock_netns(sk), .kind = kind };
+	__u64 one = 1, *n;
+
+	percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+	if (s)
+		key.role = s->role;
+	n = bpf_map_lookup_elem(&lost, &key);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else if (bpf_map_update_elem(&lost, &key, &one, BPF_NOEXIST) &&
+		 (n = bpf_map_lookup_elem(&lost, &key)))
+		__sync_fetch_and_add(n, 1);	/* another CPU created it meanwhile */
+}
+
 /* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
 static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 				 const struct counters *c, __u8 kind, __u8 result, int oldstate,
@@ -292,7 +326,7 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 	if (!e) {
 		e = bpf_ringbuf_reserve(&events_rescue, sizeof(*e), 0);
 		if (!e) {
-			percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
+			count_lost(s, sk, kind);
 			return;
 		}
 		percpu_inc(&stats, SW_STAT_RESCUED);
@@ -518,7 +552,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
 		else if (s->role != SW_ROLE_LISTENER)
 			account_close(s, &c, now);
-		bpf_map_delete_elem(&socks, &key);
+		untrack(key);
 		bpf_map_delete_elem(&sock_stack, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
@@ -805,7 +839,7 @@ static __always_inline int handle_destroy(const struct sock *sk)
 	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, bpf_ktime_get_ns());
 	if (s->role != SW_ROLE_LISTENER)
 		account_close(s, &c, bpf_ktime_get_ns());
-	bpf_map_delete_elem(&socks, &key);
+	untrack(key);
 	bpf_map_delete_elem(&sock_stack, &key);
 	return 0;
 }

@@ -63,8 +63,15 @@ enum sw_stat {
 	SW_STAT_STACK_HISTS_FULL = 6,	/* a stack latency not counted: stack_hists map full */
 	SW_STAT_IFACES_FULL = 7,	/* a packet not counted: ifaces map full */
 	SW_STAT_RESCUED = 8,		/* record saved by the rescue ring (not a loss) */
-	SW_STAT_NESTED_RUNS = 9,	/* set_state events the kernel skipped, caught by the twin */
-	SW_STAT_MAX = 10,
+	/*
+	 * Entries put in and taken out of the socks LRU map by us: the map evicts
+	 * silently when full (even a little before: per-CPU free lists), so user
+	 * space derives evictions as added - removed - entries present.
+	 */
+	SW_STAT_SOCKS_ADDED = 9,
+	SW_STAT_SOCKS_REMOVED = 10,
+	SW_STAT_NESTED_RUNS = 11,	/* set_state events the kernel skipped, caught by the twin */
+	SW_STAT_MAX = 12,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */
@@ -87,6 +94,18 @@ struct sw_total_key {
 	__u8 what;			/* enum sw_total */
 	__u8 result;			/* SW_TOTAL_CONNECT: enum sw_result */
 	__u32 __pad;
+};
+
+/*
+ * Records the ring buffer refused, by where they came from: lets a test (or a
+ * container's owner) check "seen + lost = made" for its own namespace while
+ * the rest of the host loses records too. The total is SW_STAT_RINGBUF_FULL.
+ */
+struct sw_lost_key {
+	__u32 netns;			/* network namespace inode of the socket */
+	__u8 kind;			/* enum sw_kind */
+	__u8 role;			/* enum sw_role (0 when the socket was untracked) */
+	__u16 __pad;
 };
 
 /* Log2 histograms: slot k counts values <= 2^k microseconds; the last slot is the sum. */

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from sockwatch import latency, records
 from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
+from sockwatch.kernel.libbpf import release_freed_heap
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
 from sockwatch.seed import procfs
@@ -53,6 +54,7 @@ class Loss:
     undelivered: int  # applied to the tables but dropped before run()'s consumers saw them
     untracked_close: int  # not a loss: closes of sockets that predate sockwatch
     suppressed_close: int  # test switch only
+    socks_evicted: int  # sockets the full socks LRU map forgot (as of the last walk)
 
 
 class Monitor:
@@ -86,6 +88,8 @@ class Monitor:
         self.netns = current_netns(proc_root)
         self.interfaces = InterfaceNames(self.netns, NamespaceLinks(self.netns, proc_root))
         self.started_ns = 0
+        self.socks_entries = 0
+        self.socks_evicted = 0
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -179,8 +183,16 @@ class Monitor:
             self.sync()  # closes during the walk win over rows read before them
             with self.lock:
                 removed = self.table.remove_missing(seen, taken, walked)
+            probes = self.probes
+            if probes is not None:  # the map's fill, counted with each walk, not per scrape
+                self.socks_entries, evicted = probes.socks_fill()
+                self.socks_evicted = max(self.socks_evicted, evicted)  # a counter: never back
         self.resolve_owners(fds=False)  # sockets that predate us get a process name
         self.name_interfaces()
+        # A walk allocates a bytes object per socket and a flood big drained batches;
+        # glibc keeps freed heap, so without this RSS stays at the largest ever seen
+        # (measured: 94 -> 71 MB after 80k sockets closed; about 4 ms).
+        release_freed_heap()
         return removed
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
@@ -342,11 +354,13 @@ class Monitor:
         return Loss(
             ringbuf_full=st[records.Stat.RINGBUF_FULL],
             socks_map_full=st[records.Stat.SOCKS_FULL],
-            decode_errors=self._reader.decode_errors,
+            # the reader's torn records and the rows the table could not apply
+            decode_errors=self._reader.decode_errors + self.table.counters["malformed"],
             table_full=self.table.counters["table_full"],
             totals_map_full=st[records.Stat.TOTALS_FULL],
             recursion_misses=self.probes.recursion_misses(),
             undelivered=self.table.counters["undelivered"],
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],
+            socks_evicted=self.socks_evicted,
         )

@@ -64,7 +64,9 @@ class Stat(enum.IntEnum):
     STACK_HISTS_FULL = 6  # a stack latency not counted: stack_hists map full
     IFACES_FULL = 7  # a packet not counted in its interface's totals: ifaces map full
     RESCUED = 8  # saved by the rescue ring: not a loss
-    NESTED_RUNS = 9  # set_state events the kernel skipped for nesting, caught by the twin
+    SOCKS_ADDED = 9  # entries put in the socks map (see Probes.socks_evicted)
+    SOCKS_REMOVED = 10  # entries taken out of it by us (not evicted)
+    NESTED_RUNS = 11  # set_state events the kernel skipped for nesting, caught by the twin
 
 
 class Total(enum.IntEnum):
@@ -99,6 +101,7 @@ HIST_COUNT = len(Hist)
 HIST_SLOTS = 29  # slot k: <= 2**k microseconds for k < 28; slot 28: larger
 HIST_STRIDE = 32  # slots per histogram in the map; the sum (ns) is in the last
 TOTAL_KEY = struct.Struct("<16sHBB4x")  # struct sw_total_key
+LOST_KEY = struct.Struct("<IBB2x")  # struct sw_lost_key: netns, kind, role
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ TASK_ATTRIBUTIONS = frozenset(
 )
 _OPEN, _CLOSE, _SNAPSHOT = Kind.OPEN, Kind.CLOSE, Kind.SNAPSHOT
 _KINDS = frozenset(Kind)
-_N_ROLES, _N_RESULTS = len(Role), len(Result)
+_N_ROLES, _N_RESULTS, _N_ATTRIBS = len(Role), len(Result), len(Attrib)
 _COMM = slice(records.COMM_OFFSET, records.COMM_OFFSET + records.COMM_LEN)
 _SIZE = records.EVENT_SIZE
 _hot = records.HOT.unpack_from
@@ -138,18 +138,22 @@ class ConnTable:
         the engine's whole per-record cost, and calls are most of it in Python.
         """
         live, closed, ended, counters = self.live, self.closed, self.ended, self.counters
+        last = len(blob) - _SIZE
         for off in offsets:
+            if not 0 <= off <= last:
+                counters["malformed"] += 1  # a torn or misaddressed record
+                continue
             h = _hot(blob, off)
             ts, skaddr, kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
             row = live.get(skaddr)
-            if (kind == _OPEN and row is None and role < _N_ROLES
+            if (kind == _OPEN and row is None and role < _N_ROLES and attrib < _N_ATTRIBS
                     and len(live) < self.max_live):
                 live[skaddr] = Row(blob[off : off + _SIZE], ts, open_ns or ts, netns, tgid, fd,
                                    attrib, "event")
                 counters[_OPENED[role]] += 1
             elif (kind == _CLOSE and row is not None and open_ns and ts >= row.alive_since_ns
                     and ts >= row.ts_ns and role < _N_ROLES and result < _N_RESULTS
-                    and self._walk_since is None):
+                    and attrib < _N_ATTRIBS and self._walk_since is None):
                 del live[skaddr]
                 # _replace and _take_owner, for a record that is now the row's latest
                 if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
@@ -169,8 +173,11 @@ class ConnTable:
         self._apply(raw, 0)
 
     def _apply(self, blob: bytes, off: int) -> None:
+        if off < 0 or off + _SIZE > len(blob):
+            self.counters["malformed"] += 1  # a torn or misaddressed record
+            return
         h = _hot(blob, off)
-        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS:
+        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS or h[11] >= _N_ATTRIBS:
             self.counters["malformed"] += 1  # never from our kernel side; counted, not fatal
             return
         raw = blob[off : off + _SIZE] if off or len(blob) != _SIZE else blob
@@ -253,7 +260,8 @@ class ConnTable:
         """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
         seen = set()
         for raw in rows:
-            seen.add(_hot(raw)[1])
+            if len(raw) == _SIZE:
+                seen.add(_hot(raw)[1])
             self._apply(raw, 0)
         return seen
 

@@ -194,7 +194,7 @@ class SockwatchCollector(Collector):
         m.add_metric(["undelivered"], loss.undelivered)
         yield m
         yield CounterMetricFamily(P + "decode_errors", "Malformed records from the kernel.",
-                                  value=loss.decode_errors + counters.get("malformed", 0))
+                                  value=loss.decode_errors)
         yield CounterMetricFamily(P + "rescued_records",
                                   "Records the main ring buffer refused (its lock timed out) "
                                   "that the rescue ring buffer took: delivered, not lost.",
@@ -215,6 +215,12 @@ class SockwatchCollector(Collector):
         yield m
         m = GaugeMetricFamily(P + "table_entries", "Entries in sockwatch's tables.", labels=["table"])
         m.add_metric(["connections"], live_count)
+        m.add_metric(["socks_map"], mon.socks_entries)
+        yield m
+        m = CounterMetricFamily(P + "map_evictions", "Entries a full LRU map evicted "
+                                "(socks: sockets whose close will be untracked).",
+                                labels=["map"])
+        m.add_metric(["socks"], loss.socks_evicted)
         yield m
         m = GaugeMetricFamily(P + "table_capacity", "Capacity of sockwatch's tables and maps.",
                               labels=["table"])

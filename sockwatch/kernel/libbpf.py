@@ -383,6 +383,17 @@ def read_percpu_u64_hash(map_fd: int, key_size: int, n_u64: int) -> dict[bytes, 
     return out
 
 
+def count_keys(map_fd: int, key_size: int) -> int:
+    """How many entries a hash map holds (keys only: one syscall per entry)."""
+    so = lib().so
+    bufs = (_c.create_string_buffer(key_size), _c.create_string_buffer(key_size))
+    n, prev = 0, None
+    while so.bpf_map_get_next_key(map_fd, prev, bufs[n % 2]) == 0:
+        prev = bufs[n % 2]
+        n += 1
+    return n
+
+
 def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
     """Sum each slot of a BPF_MAP_TYPE_PERCPU_ARRAY of __u64 over all CPUs."""
     ncpu = num_possible_cpus()

@@ -32,6 +32,7 @@ from sockwatch.kernel.libbpf import (
     BpfObject,
     LibbpfError,
     Link,
+    count_keys,
     create_iterator,
     read_all,
     read_hash,
@@ -237,6 +238,19 @@ def _verifier_excerpt(log: list[str], tail: int = 25) -> str:
     return "\n".join(culprit[:1] + body)
 
 
+def load_object(obj: BpfObject) -> None:
+    """Load an opened object. A rejection names the program the verifier refused in
+    its first line and shows the end of that program's verifier log, where the
+    verdict is: enough to fix it without re-running under bpftool."""
+    try:
+        obj.load()
+    except LibbpfError as exc:
+        failed = re.search(r"prog '([^']+)': failed to load", "\n".join(exc.log))
+        head = (f"the kernel's verifier rejected program {failed.group(1)!r} of "
+                f"{os.path.basename(obj.path)} ({os.strerror(exc.err)})" if failed else str(exc))
+        raise AttachError(f"{head}\n{_verifier_excerpt(exc.log)}") from exc
+
+
 class Probes:
     """The attached lifecycle (and, optionally, stack) programs and the maps user space reads."""
 
@@ -260,6 +274,8 @@ class Probes:
         self._transitions_fd = obj.map_fd("transitions")
         self._totals_fd = obj.map_fd("totals")
         self._hists_fd = obj.map_fd("hists")
+        self._lost_fd = obj.map_fd("lost")
+        self._socks_fd = obj.map_fd("socks")
         self.socks_capacity = obj.map_max_entries("socks")
 
     def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
@@ -293,6 +309,26 @@ class Probes:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
         raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)
         return {records.decode_total_key(k): int.from_bytes(v, "little") for k, v in raw.items()}
+
+    def socks_fill(self) -> tuple[int, int]:
+        """(entries in the socks LRU map, entries it evicted so far). The map evicts
+        silently; we count what we add and remove, so evicted = added - removed -
+        present. Exact on a quiet map; under churn it errs low (added is read
+        before the count, removed after), by at most what changed meanwhile."""
+        added = self.stats()[records.Stat.SOCKS_ADDED]
+        present = count_keys(self._socks_fd, 8)
+        removed = self.stats()[records.Stat.SOCKS_REMOVED]
+        return present, max(0, added - removed - present)
+
+    def lost_records(self) -> dict[tuple[int, records.Kind, records.Role], int]:
+        """Records the ring buffer refused, by (netns inode, kind, role): the
+        breakdown of Stat.RINGBUF_FULL that lets one namespace's loss be told apart."""
+        raw = read_hash(self._lost_fd, records.LOST_KEY.size, 8)
+        out = {}
+        for k, v in raw.items():
+            netns, kind, role = records.LOST_KEY.unpack(k)
+            out[(netns, records.Kind(kind), records.Role(role))] = int.from_bytes(v, "little")
+        return out
 
     def histograms(self) -> list[list[int]]:
         """Slot counts of each kernel histogram (enum sw_hist), sum in the last slot."""
@@ -428,10 +464,7 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
-        try:
-            obj.load()
-        except LibbpfError as exc:
-            raise AttachError(f"{exc}\n{_verifier_excerpt(exc.log)}") from exc
+        load_object(obj)
         for hook in plan.hooks:
             for program in hook.programs if not hook.stack else ():
                 try:

@@ -122,11 +122,14 @@ def _child(addr: tuple[str, int], name: bytes) -> None:
 
 def test_thousand_short_lived_processes_attributed():
     with Monitor(LoaderConfig(ringbuf_bytes=RING_BYTES)) as monitor:
-        _thousand_children(monitor)
+        short_lived_children(monitor, n)
 
 
-def _thousand_children(monitor: Monitor) -> None:
-    srv = socket.create_server(("127.0.0.1", 0), backlog=N_CHILDREN + 24)
+def short_lived_children(monitor: Monitor, n: int) -> float:
+    """``n`` forked children each connect once, send a byte, close and exit; every one
+    must be seen under its own pid and name. Returns the seconds it took (bench/
+    attribution.py runs it with 10k children: too slow for the suite)."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=n + 24)
     srv.setblocking(False)
     port = srv.getsockname()[1]
     names: dict[int, str] = {}  # ground truth: child pid -> the name it gave itself
@@ -138,24 +141,24 @@ def _thousand_children(monitor: Monitor) -> None:
     t0 = time.monotonic()
 
     def serve_pending() -> int:
-        n = 0
+        got = 0
         while True:
             try:
                 conn, _ = srv.accept()
             except BlockingIOError:
-                return n
+                return got
             with conn:
                 conn.settimeout(5)
                 data = b""
                 while chunk := conn.recv(16):  # the byte, then the child's FIN
                     data += chunk
                 assert data == b"x"
-            n += 1
+            got += 1
 
     try:
-        for start in range(0, N_CHILDREN, BATCH):
+        for start in range(0, n, BATCH):
             batch = []
-            for i in range(start, min(start + BATCH, N_CHILDREN)):
+            for i in range(start, min(start + BATCH, n)):
                 name = f"swk-{i:04d}"
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - child
@@ -170,7 +173,7 @@ def _thousand_children(monitor: Monitor) -> None:
             served += serve_pending()
             events.extend(monitor.poll())
         deadline = time.monotonic() + 10
-        while served < N_CHILDREN and time.monotonic() < deadline:
+        while served < n and time.monotonic() < deadline:
             served += serve_pending()
             time.sleep(0.01)
     finally:
@@ -186,8 +189,8 @@ def _thousand_children(monitor: Monitor) -> None:
     assert all(os.waitstatus_to_exitcode(s) == 0 for s in statuses.values()), (
         Counter(os.waitstatus_to_exitcode(s) for s in statuses.values())
     )
-    assert served == N_CHILDREN
-    assert len(names) == N_CHILDREN  # distinct pids: no reuse within the run
+    assert served == n
+    assert len(names) == n  # distinct pids: no reuse within the run
 
     # (other tests may use the same port number inside their own network namespaces)
     def client(kind):
@@ -199,7 +202,7 @@ def _thousand_children(monitor: Monitor) -> None:
                 and e.sport == port and e.saddr == "127.0.0.1" and e.netns == monitor.netns]
 
     def complete(_evs) -> bool:
-        return all(len(recs(kind)) >= N_CHILDREN
+        return all(len(recs(kind)) >= n
                    for recs in (client, server) for kind in (Kind.OPEN, Kind.CLOSE))
 
     poll_until(monitor, complete, 5, events)
@@ -233,7 +236,7 @@ def _thousand_children(monitor: Monitor) -> None:
     # Every connection was seen open, under its own pid and name.
     assert {e.tgid for e in client(Kind.OPEN)} == expected
     assert {e.tgid for e in server(Kind.OPEN)} == {os.getpid()}
-    assert len(server(Kind.OPEN)) == N_CHILDREN
+    assert len(server(Kind.OPEN)) == n
 
     # Closes: on this kernel about 1 in 1000 client sockets orphaned in FIN_WAIT
     # reaches TIME_WAIT with no inet_sock_set_state(TCP_CLOSE) run of ours (no
@@ -243,7 +246,7 @@ def _thousand_children(monitor: Monitor) -> None:
     # (sock addresses are reused within milliseconds: match by the children's pids)
     unclosed = expected - {e.tgid for e in closes}
     if unclosed and loss.ringbuf_full == loss0.ringbuf_full:
-        assert len(unclosed) <= N_CHILDREN // 200, (
+        assert len(unclosed) <= n // 200, (
             f"{len(unclosed)} closes missing: {bpf_program_misses()}; "
             f"{_missing_closes(events, client(Kind.OPEN), closes, port)}")
         monitor.reconcile()
@@ -251,7 +254,7 @@ def _thousand_children(monitor: Monitor) -> None:
             ghosts = [hex(k) for k, row in monitor.table.live.items() if row.tgid in unclosed]
         assert not ghosts, f"stale rows survived reconciliation: {ghosts}"
         assert repaired(monitor) - repaired0 >= len(unclosed), "repairs not counted"
-        return
+        return time.monotonic() - t0
 
     # And nothing else is missing.
     counts = {f"{side} {kind.name}": len(recs(kind))
@@ -267,14 +270,15 @@ def _thousand_children(monitor: Monitor) -> None:
             )
         pytest.fail(
             f"records lost without any loss counted by Monitor.loss(): {counts} of "
-            f"{N_CHILDREN} each; BPF programs of this process (recursion_misses from "
+            f"{n} each; BPF programs of this process (recursion_misses from "
             f"bpf_prog_info): {bpf_program_misses()}; missing clients: "
             f"{_missing_closes(events, client(Kind.OPEN), closes, port)}"
         )
     assert {e.tgid for e in client(Kind.OPEN)} == {e.tgid for e in closes} == expected
     assert Counter(e.dport for e in server(Kind.CLOSE)) == Counter(e.sport for e in closes)
     assert loss.ringbuf_full == loss0.ringbuf_full
-    assert elapsed < 45, f"took {elapsed:.1f}s"
+    assert elapsed < 45 * max(1, n // 1000), f"took {elapsed:.1f}s"
+    return elapsed
 
 
 def repaired(monitor) -> int:
@@ -666,3 +670,95 @@ def test_unavailable_mode_fails_fast_and_cleanly(mode):
             assert mine == [], f"programs still held by this process: {mine}"
     finally:
         mon.close()
+
+
+# -- 5. pid reuse ----------------------------------------------------------------------------
+def _fork_at(pid: int, child) -> int | None:
+    """Fork ``child`` as process ``pid`` (ns_last_pid, as CRIU does); None if another
+    fork on the host took that pid first (the stray child is reaped)."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    got = os.fork()
+    if got == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            if os.getpid() == pid:
+                child()
+                code = 0
+        finally:
+            os._exit(code)
+    if got != pid:
+        os.waitpid(got, 0)
+        return None
+    return got
+
+
+def _reusable_pid() -> int:
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    return next(p for p in range(top - 2, 300, -1) if not os.path.exists(f"/proc/{p}"))
+
+
+def test_pid_reuse_keeps_connections_and_process_names_apart():
+    """Process A connects and exits; process B gets A's pid and connects too. A's
+    closed connection keeps A's name, B's live one gets B's name and fd, and the
+    process cache (keyed by pid and start time) does not hand B A's identity."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def run_child(name: bytes, go_r: int, out_w: int) -> None:
+        LIBC.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(name[-1:])
+        os.write(out_w, f"{s.fileno()}\n".encode())
+        os.read(go_r, 1)  # until the parent says go (or dies)
+        s.close()
+
+    with Monitor(LoaderConfig(ringbuf_bytes=RING_BYTES), closed_capacity=1 << 20) as mon:
+        seen = {}
+        for name in (b"swreuse-a", b"swreuse-b"):
+            go_r, go_w = os.pipe()
+            out_r, out_w = os.pipe()
+            pid = seen.get(b"swreuse-a", (None,))[0]
+            for _ in range(50):
+                target = pid or _reusable_pid()
+                child = _fork_at(target, lambda: run_child(name, go_r, out_w))
+                if child:
+                    break
+            else:
+                pytest.skip("the host forks too fast to reuse a pid on purpose")
+            os.close(out_w)
+            fd = int(os.read(out_r, 16).split()[0])
+            acc, _ = srv.accept()
+            assert acc.recv(1) == name[-1:]
+            mon.sync()
+            info = mon.processes.lookup(child)
+            conns = [c for c in mon.connections() if c.ev.dport == port and c.tgid == child]
+            seen[name] = (child, fd, info, conns)
+            if name == b"swreuse-a":  # A exits; its connection closes
+                os.write(go_w, b"x")
+                os.waitpid(child, 0)
+                acc.close()
+                mon.sync()
+            else:
+                closed = [c for c in mon.table.recently_closed()
+                          if c.tgid == child and c.ev.dport == port]
+                os.write(go_w, b"x")
+                os.waitpid(child, 0)
+                acc.close()
+            for p in (go_r, go_w, out_r):
+                os.close(p)
+        totals = {(k.comm, k.what.name): v for k, v in mon.probes.totals().items()
+                  if k.comm.startswith("swreuse-") and k.what.name in ("CONNECT", "SENT_BYTES")}
+    srv.close()
+
+    (pid_a, fd_a, info_a, conns_a), (pid_b, fd_b, info_b, conns_b) = (
+        seen[b"swreuse-a"], seen[b"swreuse-b"])
+    assert pid_a == pid_b  # the pid really was reused
+    assert info_a.name == "swreuse-a" and info_b.name == "swreuse-b"
+    assert info_a.start_time != info_b.start_time
+    assert [(c.comm, c.fd) for c in conns_a] == [("swreuse-a", fd_a)]
+    assert [(c.comm, c.fd) for c in conns_b] == [("swreuse-b", fd_b)]
+    assert [c.comm for c in closed] == ["swreuse-a"]  # A's closed row keeps A's name
+    assert totals == {("swreuse-a", "CONNECT"): 1, ("swreuse-b", "CONNECT"): 1,
+                      ("swreuse-a", "SENT_BYTES"): 1, ("swreuse-b", "SENT_BYTES"): 1}

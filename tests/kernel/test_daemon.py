@@ -844,12 +844,61 @@ def test_sigterm_exits_0_and_detaches_every_program(daemons):
         socket.create_connection(("127.0.0.1", d.port), timeout=2).close()
 
 
-def test_sigkill_leaves_no_program_behind(daemons):
-    d = daemons()
-    ids = _held_programs(d)
-    d.signal(signal.SIGKILL)
-    assert d.wait(5) == -signal.SIGKILL
-    assert du.wait_programs_gone(d.pid, ids) == []
+def _counters(text: str) -> dict[tuple, float]:
+    """Every counter sample (``*_total``) of a scrape, keyed by name and labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in prom_families(text) if fam.type == "counter"
+            for s in fam.samples if s.name.endswith("_total")}
+
+
+def test_sigkill_leaves_no_program_behind_and_a_restart_is_right_within_seconds(daemons):
+    """Crash and restart: after kill -9 nothing stays attached; the next daemon serves
+    the test's own connection, owner and fd included, within seconds; counters never
+    go backwards within a run and sockwatch_start_time_seconds tells runs apart (so
+    PromQL's rate()/increase() handle the reset)."""
+    d = daemons(FAST)
+    first = d.metrics()
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()  # held across the restart: the data that must come back
+    try:
+        for _ in range(20):  # traffic between two scrapes of the same run
+            socket.create_connection(("127.0.0.1", port)).close()
+            srv.accept()[0].close()
+        time.sleep(1.5)
+        second = d.metrics()
+        before, after = _counters(first), _counters(second)
+        went_back = {k: (v, after[k]) for k, v in before.items() if k in after and after[k] < v}
+        assert not went_back, went_back
+        assert len(before) > 10
+        started = samples(second, "sockwatch_start_time_seconds")[0].value
+        assert abs(started - time.time()) < 120
+
+        ids = _held_programs(d)
+        d.signal(signal.SIGKILL)
+        assert d.wait(5) == -signal.SIGKILL
+        assert du.wait_programs_gone(d.pid, ids) == []
+
+        t0 = time.monotonic()
+        d2 = daemons(FAST)
+        me = os.getpid()
+
+        def right() -> dict | None:
+            rows = d2.get(f"/api/connections?pid={me}&port={port}", timeout=10).json()
+            mine = {(r["local_port"], r["remote_port"]): r for r in rows}
+            row = mine.get((c.getsockname()[1], port))
+            return row if row and (row["pid"], row["fd"]) == (me, c.fileno()) else None
+
+        row = wait_until("the test's connection served by the restarted daemon", right,
+                         timeout=10, every=0.05)
+        took = time.monotonic() - t0
+        print(f"\nFIGURES restart to correct data: {took:.2f} s")
+        assert row["state"] == "ESTAB" and took < 5, (row, took)
+        assert samples(d2.metrics(), "sockwatch_start_time_seconds")[0].value > started
+    finally:
+        for s in (c, a, srv):
+            s.close()
 
 
 def test_sighup_reload_bad_config_kept_good_config_applied(daemons):

@@ -94,6 +94,18 @@ def test_event_size_is_what_the_object_emits(lifecycle_btf):
     assert records.EVENT_SIZE == size
 
 
+@pytest.mark.parametrize("c_name, py_struct, members", [
+    ("sw_lost_key", records.LOST_KEY, [("netns", 0, 4), ("kind", 4, 1), ("role", 5, 1)]),
+    ("sw_total_key", records.TOTAL_KEY, [("comm", 0, 16), ("port", 16, 2), ("what", 18, 1),
+                                         ("result", 19, 1)]),
+])
+def test_map_keys_match_their_struct_formats(lifecycle_btf, c_name, py_struct, members):
+    """The map keys user space unpacks with struct.Struct: same size, same fields."""
+    size, btf_members = _btf_struct(lifecycle_btf, c_name)
+    assert py_struct.size == size
+    assert [m for m in btf_members if not m[0].startswith("__")] == members
+
+
 def test_loader_layout_check_accepts_the_built_object():
     """The loader's own start-up guard (libbpf BTF, no privileges to open) agrees with bpftool."""
     if not LIFECYCLE.exists():

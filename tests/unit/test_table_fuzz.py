@@ -1,0 +1,103 @@
+"""ConnTable never raises on bad input, and counts what it cannot apply.
+
+The ring-buffer reader hands the table only whole records of the right size,
+but a table that raised on garbage would kill the event thread and freeze every
+view, so the table is fuzzed directly: arbitrary bytes, arbitrary batches, and
+real records (recfactory) with bytes flipped, in any order. Whatever happens,
+the table stays self-consistent and bounded.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from recfactory import raw
+from sockwatch import records
+from sockwatch.records import Kind, Role
+from sockwatch.tables import ConnTable
+
+FUZZ = settings(max_examples=300, database=None, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+SIZE = records.EVENT_SIZE
+SEEDS = [
+    raw(kind=Kind.OPEN, skaddr=0xFFFF888000001000, ts_ns=1_000),
+    raw(kind=Kind.CLOSE, skaddr=0xFFFF888000001000, ts_ns=2_000, state=records.TCP_CLOSE),
+    raw(kind=Kind.SNAPSHOT, skaddr=0xFFFF888000002000, ts_ns=3_000, role=Role.UNKNOWN),
+    raw(kind=Kind.OPEN, skaddr=0xFFFF888000003000, ts_ns=500, role=Role.LISTENER,
+        state=records.TCP_LISTEN),
+]
+
+
+def consistent(tbl: ConnTable, applied: int) -> None:
+    """Every record either became or touched a row, or was counted as malformed."""
+    assert len(tbl.live) <= tbl.max_live
+    assert len(tbl.closed) <= tbl.closed.maxlen
+    assert tbl.counters["malformed"] <= applied
+    for key, row in tbl.live.items():
+        assert len(row.raw) == SIZE
+        assert row.key == key
+        row.connection()  # views may decode any live row: it must not raise
+    for row in tbl.closed:
+        assert row.closed_ns >= 0
+
+
+mutated = st.builds(
+    lambda seed, flips: bytes(_flip(seed, flips)),
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(0, 255)), max_size=24),
+)
+
+
+def _flip(seed: bytes, flips: list[tuple[int, int]]) -> bytearray:
+    buf = bytearray(seed)
+    for off, val in flips:
+        buf[off] = val
+    return buf
+
+
+@FUZZ
+@given(st.lists(st.one_of(mutated, st.binary(max_size=2 * SIZE)), max_size=30))
+@example([b""])
+@example([SEEDS[0][:-1]])
+@example([b"\xff" * SIZE])
+def test_apply_never_raises(recs):
+    """One record at a time, any bytes: applied, or counted as malformed."""
+    tbl = ConnTable(closed_capacity=8, max_live=4)
+    for rec in recs:
+        tbl.apply(rec)
+    consistent(tbl, len(recs))
+    tbl.begin_walk(10_000)
+    tbl.remove_missing(set(), 10_000, {row.netns for row in tbl.live.values()})
+    consistent(tbl, len(recs))
+
+
+@FUZZ
+@given(st.lists(mutated, max_size=20), st.lists(st.integers(0, 40 * SIZE), max_size=30))
+def test_apply_batch_with_any_offsets_never_raises(recs, offsets):
+    """A batch blob with offsets that may point past its end or inside a record."""
+    blob = b"".join(recs)
+    tbl = ConnTable(closed_capacity=8, max_live=4)
+    tbl.apply_batch(blob, offsets)
+    consistent(tbl, len(offsets))
+    past_end = sum(off + SIZE > len(blob) for off in offsets)
+    assert tbl.counters["malformed"] >= past_end
+
+
+@FUZZ
+@given(st.lists(mutated, max_size=20))
+def test_snapshot_merge_never_raises(rows):
+    """Walk rows with garbage in them: merged or counted, and the walk completes."""
+    tbl = ConnTable(closed_capacity=8, max_live=4)
+    tbl.begin_walk(5_000)
+    seen = tbl.merge_snapshot(rows)
+    tbl.remove_missing(seen, 5_000, {0})
+    consistent(tbl, len(rows))
+
+
+def test_truncated_record_is_counted_not_raised():
+    tbl = ConnTable()
+    tbl.apply(SEEDS[0][:-1])
+    tbl.apply_batch(SEEDS[0], [0, 1, SIZE])
+    assert tbl.counters["malformed"] == 3
+    assert len(tbl.live) == 1
