@@ -132,7 +132,8 @@ def test_tiny_ring_buffer_loses_and_counts_every_loss_exactly(netns_pair, record
     print(f"64 KiB ring: made {made}, seen {seen}, lost {gone}, recursion misses "
           f"{res['recursion_misses']}, host-wide ringbuf_full {end.ringbuf_full - start.ringbuf_full}")
     assert made == n
-    assert gone[Kind.OPEN] > 0 and seen[Kind.OPEN] > 0, (seen, gone)
+    # (on a busy host the rest of it can fill the tiny ring first: then all of ours is lost)
+    assert gone[Kind.OPEN] > 0, (seen, gone)
     # every record this namespace lost is in the host-wide total too
     assert end.ringbuf_full - start.ringbuf_full >= sum(gone.values())
     # no other stage dropped anything
