@@ -63,7 +63,8 @@ enum sw_stat {
 	SW_STAT_STACK_HISTS_FULL = 6,	/* a stack latency not counted: stack_hists map full */
 	SW_STAT_IFACES_FULL = 7,	/* a packet not counted: ifaces map full */
 	SW_STAT_RESCUED = 8,		/* record saved by the rescue ring (not a loss) */
-	SW_STAT_MAX = 9,
+	SW_STAT_NESTED_RUNS = 9,	/* set_state events the kernel skipped, caught by the twin */
+	SW_STAT_MAX = 10,
 };
 
 #define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */

@@ -64,6 +64,7 @@ class Stat(enum.IntEnum):
     STACK_HISTS_FULL = 6  # a stack latency not counted: stack_hists map full
     IFACES_FULL = 7  # a packet not counted in its interface's totals: ifaces map full
     RESCUED = 8  # saved by the rescue ring: not a loss
+    NESTED_RUNS = 9  # set_state events the kernel skipped for nesting, caught by the twin
 
 
 class Total(enum.IntEnum):
