@@ -18,6 +18,13 @@ rounds of with / baseline of the same round (back-to-back runs see the same
 neighbours), with the plain medians beside it. Targets: >= 0.95 bulk, >= 0.90
 ping-pong.
 
+Because the measured ratios swing with the neighbours' load, the same pass
+also gives a ratio that does not: the share of the two loadgen processes' CPU
+time (getrusage, which includes the stack work done in their context) spent
+inside the stack programs (bpf_stats), and the CPU-bound prediction 1 - share.
+It overestimates the cost (host-wide program time, the statistics' own clock
+reads), so it is a lower bound for the ratio on a CPU-bound host.
+
 The cost per packet comes from a separate pass with the kernel's BPF run-time
 statistics on (sysctl kernel.bpf_stats_enabled=1, restored afterwards; the
 statistics themselves cost two clock reads per run, so they stay off while
@@ -82,28 +89,44 @@ class Pair:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def run_load(pair: Pair, loadgen: str, client: list[str], serve_size: int) -> dict:
-    """One server in b, one client in a; the client's JSON result."""
+def cpu_of(proc: subprocess.Popen) -> float:
+    """Reap ``proc``; the CPU seconds (user + system) it used. ``ip netns exec``
+    execs the command, so this is loadgen's own time, the network stack work
+    done in its context (softirqs on its syscalls' way out) included."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_load(pair: Pair, loadgen: str, client: list[str], serve_size: int) -> tuple[dict, float]:
+    """One server in b, one client in a; the client's JSON result and the CPU
+    seconds both used."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", pair.b, loadgen, "serve", str(PORT), str(serve_size)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert json.loads(server.stdout.readline()).get("ready")
-        out = subprocess.run(["ip", "netns", "exec", pair.a, loadgen, *client],
-                             check=True, capture_output=True, text=True).stdout
-        server.wait(timeout=30)
+        proc = subprocess.Popen(["ip", "netns", "exec", pair.a, loadgen, *client],
+                                stdout=subprocess.PIPE, text=True)
+        out = proc.stdout.read()
+        cpu = cpu_of(proc) + cpu_of(server)
+        assert proc.returncode == 0 and server.returncode == 0
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    return json.loads(out)
+        for p in (server,):
+            if p.returncode is None:
+                p.kill()
+                p.wait()
+    return json.loads(out), cpu
+
+
+def workload_args(pair: Pair, seconds: float, size: int) -> dict[str, tuple[list[str], int]]:
+    return {"bulk": (["bulk", pair.addr_b, str(PORT), str(seconds)], 0),
+            "pingpong": (["pingpong", pair.addr_b, str(PORT), str(size), str(seconds)], size)}
 
 
 def workloads(pair: Pair, loadgen: str, seconds: float, size: int) -> dict[str, float]:
-    bulk = run_load(pair, loadgen, ["bulk", pair.addr_b, str(PORT), str(seconds)], 0)
-    pp = run_load(pair, loadgen,
-                  ["pingpong", pair.addr_b, str(PORT), str(size), str(seconds)], size)
-    return {"bulk": bulk["rate"], "pingpong": pp["rate"]}
+    return {w: run_load(pair, loadgen, client, serve)[0]["rate"]
+            for w, (client, serve) in workload_args(pair, seconds, size).items()}
 
 
 def measure(pair: Pair, loadgen: str, stack: bool, seconds: float, size: int) -> dict[str, float]:
@@ -115,15 +138,39 @@ def measure(pair: Pair, loadgen: str, stack: bool, seconds: float, size: int) ->
         probes.close()
 
 
-def costs(pair: Pair, loadgen: str, seconds: float, size: int) -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) per stack program over one pass of both workloads."""
+def costs(pair: Pair, loadgen: str, seconds: float, size: int
+          ) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
+    """(run_time_ns, run_cnt) per stack program over one pass of both workloads,
+    and per workload the share of its processes' CPU time spent in the stack
+    programs for its own traffic: each program's mean ns per run (host-wide)
+    times the runs the workload caused (its packets, from the pair's interface
+    totals, for the per-packet hooks; its writes and reads for the other two).
+    The statistics add their own clock reads to every run: an overestimate."""
     old = STATS_SYSCTL.read_text()
     STATS_SYSCTL.write_text("1\n")
+    netns = {os.stat(f"/run/netns/{ns}").st_ino for ns in (pair.a, pair.b)}
+
+    def packets(probes) -> int:  # tx packets of both ends = rx packets of the other
+        return sum(t[2] for (n, _), t in probes.interface_totals().items() if n in netns)
+
     try:
         probes = load(LoaderConfig())
         try:
-            workloads(pair, loadgen, seconds, size)
-            return {name.rsplit("_", 1)[0]: v for name, v in probes.stack_program_stats().items()}
+            share, before = {}, probes.stack_program_stats()
+            for w, (client, serve) in workload_args(pair, seconds, size).items():
+                sent = packets(probes)
+                res, cpu = run_load(pair, loadgen, client, serve)
+                sent = packets(probes) - sent
+                calls = 2 * res["rounds"] if w == "pingpong" else res["bytes"] // (1 << 16)
+                now = probes.stack_program_stats()
+                mean = {p.rsplit("_", 1)[0]: (t - before[p][0]) / max(1, n - before[p][1])
+                        for p, (t, n) in now.items()}
+                before = now
+                ns = sum(mean.get(h, 0.0) for h in PER_PACKET) * sent
+                ns += sum(mean.get(h, 0.0) for h in PER_CALL) * calls
+                share[w] = ns / 1e9 / cpu
+            runs = {name.rsplit("_", 1)[0]: v for name, v in probes.stack_program_stats().items()}
+            return runs, share
         finally:
             probes.close()
     finally:
@@ -150,7 +197,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for stack in ((False, True) if r % 2 == 0 else (True, False)):
                     runs[stack].append(measure(pair, loadgen, stack, args.seconds, args.size))
-            cost = costs(pair, loadgen, args.seconds, args.size)
+            cost, share = costs(pair, loadgen, args.seconds, args.size)
         finally:
             pair.close()
 
@@ -160,7 +207,8 @@ def main() -> int:
         with_ = statistics.median(r[w] for r in runs[True])
         paired = statistics.median(a[w] / b[w] for a, b in zip(runs[True], runs[False]))
         result[w] = {"baseline": base, "with_stack": with_, "ratio": paired,
-                     "ratio_of_medians": with_ / base,
+                     "ratio_of_medians": with_ / base, "cpu_share_in_stack": share[w],
+                     "predicted_ratio": 1 - share[w],
                      "target": target, "runs_baseline": [r[w] for r in runs[False]],
                      "runs_with_stack": [r[w] for r in runs[True]]}
     mean = {p: (t / n if n else 0.0) for p, (t, n) in cost.items()}
@@ -180,6 +228,8 @@ def main() -> int:
               f"{r['with_stack'] * scale:10.1f}  paired ratio {r['ratio']:.3f} "
               f"(target >= {r['target']:.2f}: {verdict}; ratio of medians "
               f"{r['ratio_of_medians']:.3f})")
+        print(f"  {'':<9} CPU-bound prediction {r['predicted_ratio']:.3f}: "
+              f"{100 * r['cpu_share_in_stack']:.1f} % of the workload's CPU time in stack programs")
     print("  cost per run (bpf_stats, host-wide means):")
     for p in PER_PACKET + PER_CALL:
         print(f"    {p:<11} {mean.get(p, 0.0):7.1f} ns  x {result['runs'].get(p, 0)} runs")

@@ -19,8 +19,8 @@
  *   a per-CPU slot holding the skb or sock and its time;
  * - across CPUs or deferred work (a qdisc dequeued later or elsewhere; a
  *   packet parked in the socket backlog while its owner holds the lock): an
- *   LRU hash keyed by the skb's address, written once and deleted when
- *   matched. The kernel stamps no usable time of its own there: skb->tstamp
+ *   LRU hash keyed by the skb's address, for the packets whose time is
+ *   sampled (see SAMPLE_EVERY), deleted when matched. The kernel stamps no usable time of its own there: skb->tstamp
  *   is set on receive only while some socket asks for timestamps, and on
  *   transmit holds TCP's departure time, in the future under pacing;
  * - across system calls (write -> segment sent, queued -> read): one sampled
