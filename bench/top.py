@@ -124,6 +124,8 @@ def frames(source: Source, n: int, pause: float) -> dict[str, list[float]]:
 
 
 def table_baseline(source: LocalSource, n: int) -> list[float]:
+    """Snapshots as ``table --json`` takes them, after one that names every owner."""
+    source.monitor.connections()
     out = []
     for _ in range(n):
         t0 = time.perf_counter()

@@ -567,6 +567,45 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 }
 
 /*
+ * The kernel never runs a tp_btf/raw_tp program while the same program is
+ * under way on that CPU (bpf_prog->active): a softirq that changes a socket's
+ * state while set_state runs in a task would go unseen. So a second copy of
+ * the program is attached to the same tracepoint. It does nothing unless the
+ * first copy is under way on this CPU, which means the kernel skipped the
+ * first copy for this event; then it handles the event. Records lost to
+ * nesting are the first copy's skipped runs minus SW_STAT_NESTED_RUNS.
+ * (Classic tracepoints share one per-CPU guard for all programs: no help.)
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} set_state_depth SEC(".maps");
+
+static __always_inline int set_state_first(const struct sock *sk, int oldstate, int newstate)
+{
+	__u32 zero = 0, *depth = bpf_map_lookup_elem(&set_state_depth, &zero);
+
+	if (!depth)
+		return 0;
+	(*depth)++;
+	handle_set_state(sk, oldstate, newstate);
+	(*depth)--;
+	return 0;
+}
+
+static __always_inline int set_state_nested(const struct sock *sk, int oldstate, int newstate)
+{
+	__u32 zero = 0, *depth = bpf_map_lookup_elem(&set_state_depth, &zero);
+
+	if (!depth || !*depth)
+		return 0; /* the first copy has run for this event */
+	percpu_inc(&stats, SW_STAT_NESTED_RUNS);
+	return handle_set_state(sk, oldstate, newstate);
+}
+
+/*
  * sock:inet_sock_set_state fires for every TCP state change, in connect() and
  * listen() for the opening transitions and in softirq for the handshake. It is
  * the portable hook for connect as well: CLOSE->SYN_SENT runs in the connecting
@@ -577,7 +616,15 @@ int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
 {
 	if (sk_protocol(sk) != IPPROTO_TCP)
 		return 0;
-	return handle_set_state(sk, oldstate, newstate);
+	return set_state_first(sk, oldstate, newstate);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(set_state_btf_nested, const struct sock *sk, int oldstate, int newstate)
+{
+	if (sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	return set_state_nested(sk, oldstate, newstate);
 }
 
 SEC("raw_tp/inet_sock_set_state")
@@ -585,7 +632,15 @@ int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
 {
 	if (sk_protocol(sk) != IPPROTO_TCP)
 		return 0;
-	return handle_set_state(sk, oldstate, newstate);
+	return set_state_first(sk, oldstate, newstate);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(set_state_raw_nested, const struct sock *sk, int oldstate, int newstate)
+{
+	if (sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	return set_state_nested(sk, oldstate, newstate);
 }
 
 SEC("tp/sock/inet_sock_set_state")

@@ -59,15 +59,18 @@ static __always_inline void hist_observe(void *map, __u32 hist, __u64 ns)
 	percpu_add(map, hist * SW_HIST_STRIDE + SW_HIST_SUM, ns);
 }
 
-/* The same for one histogram that is a per-CPU map value of SW_HIST_STRIDE __u64. */
-static __always_inline void hist_add(__u64 *hist, __u64 ns)
+/*
+ * The same for one histogram that is a per-CPU map value of SW_HIST_STRIDE
+ * __u64, counting @ns @weight times (a sample standing for that many).
+ */
+static __always_inline void hist_add(__u64 *hist, __u64 ns, __u32 weight)
 {
 	__u32 slot = hist_slot(ns);
 
 	barrier_var(slot);	/* keep the bound the verifier saw on the register used */
 	if (slot < SW_HIST_SLOTS)
-		hist[slot]++;
-	hist[SW_HIST_SUM] += ns;
+		hist[slot] += weight;
+	hist[SW_HIST_SUM] += ns * weight;
 }
 
 #endif /* __MAPS_BPF_H */

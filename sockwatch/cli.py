@@ -71,6 +71,8 @@ layers (one line each: count, p50, p99, and a bar over the log2 buckets):
                driver (driver start -> transmitted)
   rx           driver (received -> TCP), tcp (TCP -> socket queue),
                socket (socket queue -> read())
+The kernel times one packet in eight through the qdisc, driver and rx tcp layers
+and counts it eight times: their counts estimate packets; interface totals are exact.
 """
 EPILOG_PROBES = """examples:
   sockwatch probes                     kernel facts and the variant chosen per hook
@@ -239,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         "latency", parents=[kernel, source], epilog=EPILOG_LATENCY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="per-layer latency along the kernel path, per interface",
-        description="Where the time goes between write() and the wire and between the wire "
-        "and read(): log2 histograms per layer, measured in the kernel. Standalone it "
-        "attaches and samples for --interval; with --url it reads a daemon's histograms "
+        description="Where the time goes between write() and the wire and between the wire\n"
+        "and read(): log2 histograms per layer, measured in the kernel. Standalone it\n"
+        "attaches and samples for --interval; with --url it reads a daemon's histograms\n"
         "(counted since it started).",
     )
     lat.add_argument("--json", action="store_true",

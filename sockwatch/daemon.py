@@ -17,13 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from sockwatch import config as configuration
 from sockwatch.errors import SockwatchError
 from sockwatch.exporters.api import EventLog, build_routes
 from sockwatch.exporters.http import BasicAuth, HttpServer
-from sockwatch.exporters.metrics import SockwatchCollector
+from sockwatch.exporters.metrics import SockwatchCollector, build_registry
 from sockwatch.kernel.loader import LoaderConfig
 from sockwatch.monitor import Monitor
 
@@ -77,8 +75,7 @@ class Daemon:
         self.collector = SockwatchCollector(self.monitor, m["per_connection"],
                                             m["per_connection_limit"], m["top_processes"],
                                             m["top_ports"], m["top_interfaces"])
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
+        self.registry = build_registry(self.collector)
         self.events = EventLog()
         self.healthy = threading.Event()
         self.stop = threading.Event()

@@ -21,7 +21,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from sockwatch import __version__, latency, records
 from sockwatch.monitor import Monitor
@@ -29,6 +30,17 @@ from sockwatch.records import Role, state_name
 from sockwatch.totals import LabelCap, cumulative_buckets
 
 P = "sockwatch_"
+
+
+def build_registry(collector: Collector) -> CollectorRegistry:
+    """What /metrics serves: sockwatch's collector plus the standard process_*
+    metrics of the daemon itself (CPU seconds, resident memory, open fds, start
+    time), which a private registry does not get by default and which the health
+    dashboard needs to show what watching costs."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def _family(kind: type, name: str, doc: str, labels: list[str],

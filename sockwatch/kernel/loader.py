@@ -58,6 +58,10 @@ _TP_PROGRAMS = {
         "tracepoint": "accept_sys_tp",
     },
 }
+# Second copies of the state program that catch the events the kernel skips
+# while the first copy runs on the same CPU (see set_state_nested).
+_NESTED_TWINS = {"tp_btf": ("set_state_btf_nested",), "raw_tp": ("set_state_raw_nested",)}
+_TWIN_PROGRAMS = frozenset(p for twins in _NESTED_TWINS.values() for p in twins)
 _FUNCTION_PROGRAMS = {
     "connect": {"fentry": "connect_fentry", "kprobe": "connect_kprobe"},
     "accept": {"fentry": "accept_fexit", "kprobe": "accept_kretprobe"},
@@ -176,7 +180,8 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
     tp = _pick_tracepoint_flavour(feats, cfg.attach_mode)
     fn = _pick_function_flavour(feats, cfg.attach_mode)
     plan = Plan(tracepoint_flavour=tp, function_flavour=fn)
-    plan.hooks.append(HookChoice("state", tp, (_TP_PROGRAMS["state"][tp],)))
+    plan.hooks.append(HookChoice("state", tp, (_TP_PROGRAMS["state"][tp],
+                                               *_NESTED_TWINS.get(tp, ()))))
     plan.hooks.append(HookChoice("destroy", tp, (_TP_PROGRAMS["destroy"][tp],),
                                  "closes whose transition was missed, announced late"))
     if fn:
@@ -292,9 +297,13 @@ class Probes:
         return {(i // n, i % n): v for i, v in enumerate(values) if v}
 
     def recursion_misses(self) -> int:
-        """Program runs the kernel skipped on nesting, over every attached program."""
+        """Events lost because the kernel skipped a program that was already running on
+        the CPU: every lifecycle program's skipped runs, less those of the state program
+        its twin handled (a twin's own skips are events the first copy handled)."""
         assert self._obj is not None
-        return sum(self._obj.recursion_misses(link.program) for link in self._links)
+        skipped = sum(self._obj.recursion_misses(link.program) for link in self._links
+                      if link.program not in _TWIN_PROGRAMS)
+        return max(0, skipped - self.stats()[records.Stat.NESTED_RUNS])
 
     def totals(self) -> dict[records.TotalKey, int]:
         """The kernel's running totals (connects, accepts, bytes) by task name."""

@@ -104,6 +104,11 @@ def _common(ev: ConnEvent) -> dict[str, Any]:
             for i, t in enumerate(ev.state_ns)
             if t
         },
+        # the kernel's per-socket latency summaries (stack probes); 0 there means not
+        # measured. In events too: top takes the accept wait of short connections from them.
+        "rcvq_wait_p50_us": _us(ev.rcvq_wait_p50_ns),
+        "rcvq_wait_max_us": _us(ev.rcvq_wait_max_ns),
+        "accept_wait_us": _us(ev.accept_wait_ns),
     }
 
 
@@ -123,10 +128,6 @@ def connection_dict(conn: Connection, now_ns: int) -> dict[str, Any]:
         d["last_state"] = state_name(ev.oldstate)
     if ev.role == Role.LISTENER:
         d["backlog"] = ev.listen_backlog
-    # the kernel's per-socket latency summaries (stack probes); 0 there means not measured
-    d["rcvq_wait_p50_us"] = _us(ev.rcvq_wait_p50_ns)
-    d["rcvq_wait_max_us"] = _us(ev.rcvq_wait_max_ns)
-    d["accept_wait_us"] = _us(ev.accept_wait_ns)
     return d
 
 

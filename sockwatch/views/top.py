@@ -84,14 +84,8 @@ def frame_dict(frame: Frame, state: screen.UIState, source: str) -> dict[str, An
                 "handshake_p99_s": p.hs_p99, "rcvq_wait_p50_us": p.rcvq_wait_p50_us,
                 "rcvq_wait_max_us": p.rcvq_wait_max_us}
 
-    saved = state.view
-    try:
-        state.view = "processes"
-        procs = screen.rows(frame, state)
-        state.view = "listeners"
-        listeners = screen.rows(frame, state)
-    finally:
-        state.view = saved
+    procs = screen.rows(frame, state, "processes")
+    listeners = screen.rows(frame, state, "listeners")
     return {
         "source": source, "window_s": frame.window, "host": proc(frame.host),
         "lost_events": frame.lost, "loss": frame.loss, "probes": frame.modes,
@@ -207,9 +201,8 @@ class App:
     def key(self, ch: int) -> bool:
         """Apply one key; False to quit."""
         st = self.state
-        st.message = ""
         if st.help:
-            st.help = False
+            st.help = 2 if st.help == 1 and ch in (ord("?"), ord("h")) else 0
             return True
         if st.editing:
             if ch in (curses.KEY_ENTER, 10, 13):
@@ -260,7 +253,7 @@ class App:
             st.faster(-1)
             self.sampler.now()
         elif ch in (ord("?"), ord("h"), curses.KEY_F1):
-            st.help = True
+            st.help = 1
         return True
 
     def loop(self) -> None:
@@ -282,7 +275,10 @@ def interactive(sampler: Sampler, state: screen.UIState) -> None:
     color = "NO_COLOR" not in os.environ
 
     def main(scr: Any) -> None:
-        curses.curs_set(0)
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass  # a terminal that cannot hide its cursor shows it
         App(scr, sampler, state, color).loop()
 
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after a second

@@ -86,7 +86,9 @@ class ProcRow:
     rx_s: float | None = None
     retr_s: float | None = None
     handshakes: list[float] = field(default_factory=list)  # completed in the window
-    rcvq_p50_us: list[float] = field(default_factory=list)  # per connection, when known
+    # per connection, live or closed in the window, when the stack probes measured it
+    rcvq_p50_us: list[float] = field(default_factory=list)
+    rcvq_max_us: list[float] = field(default_factory=list)
 
     @property
     def conns(self) -> int:
@@ -117,9 +119,7 @@ class ProcRow:
 
     @property
     def rcvq_wait_max_us(self) -> float | None:
-        known = [c.d["rcvq_wait_max_us"] for c in self.connections
-                 if c.d.get("rcvq_wait_max_us") is not None]
-        return max(known) if known else None
+        return max(self.rcvq_max_us) if self.rcvq_max_us else None
 
     def matches(self, text: str) -> bool:
         """Filter text: name, pid or user, or the port/address/state of a connection."""
@@ -188,7 +188,8 @@ class TopModel:
         # per pid: [sent, received, retransmits, connects, accepts, fails]
         seen = self._seen
         now_seen: dict[Key, tuple[int, int, int, bool]] = {}
-        accepts_by_port: collections.Counter = collections.Counter()
+        # (netns, listening port) -> accept() waits of the connections accepted in the window
+        accepted: dict[tuple[int, int], list[float | None]] = collections.defaultdict(list)
 
         def proc(pid: int, name: str | None) -> ProcRow:
             row = procs.get(pid)
@@ -223,6 +224,10 @@ class TopModel:
                                            (lifetime is not None and lifetime <= window)):
                     proc(pid, d["process"]).handshakes.append(hs)
             now_seen[key] = (sent, recv, retr, counted)
+            if d.get("rcvq_wait_p50_us") is not None:
+                owner = proc(pid, d["process"])
+                owner.rcvq_p50_us.append(d["rcvq_wait_p50_us"])
+                owner.rcvq_max_us.append(d["rcvq_wait_max_us"])
             return dtx, drx, counted
 
         for ev in sample.events:
@@ -232,7 +237,7 @@ class TopModel:
                 deltas[pid][3] += 1
             elif kind == "accept":
                 deltas[pid][4] += 1
-                accepts_by_port[(ev["netns"], ev["local_port"])] += 1
+                accepted[(ev["netns"], ev["local_port"])].append(ev.get("accept_wait_us"))
             elif kind == "fail":
                 deltas[pid][5] += 1
             elif kind == "close" and ev["role"] != "listener":
@@ -251,14 +256,13 @@ class TopModel:
             dtx, drx, _ = account(d, d.get("age_s"))
             rates = (dtx / window, drx / window) if window else (None, None)
             row.connections.append(ConnRow(d, *rates))
-            if d.get("rcvq_wait_p50_us") is not None:
-                row.rcvq_p50_us.append(d["rcvq_wait_p50_us"])
 
         host = ProcRow(0, "host", "-")
         for pid, row in procs.items():
             host.states.update(row.states)
             host.handshakes += row.handshakes
             host.rcvq_p50_us += row.rcvq_p50_us
+            host.rcvq_max_us += row.rcvq_max_us
             if window:
                 sent, recv, retr, out, inc, fail = deltas.get(pid, (0,) * 6)
                 row.tx_s, row.rx_s, row.retr_s = sent / window, recv / window, retr / window
@@ -268,7 +272,7 @@ class TopModel:
             host.tx_s, host.rx_s, host.retr_s, host.out_s, host.in_s, host.fail_s = (
                 t / window for t in totals)
 
-        self._listener_details(listeners, sample.connections, accepts_by_port, window)
+        self._listener_details(listeners, sample.connections, accepted, window)
         self._seen = now_seen
         self._taken = sample.taken
         return Frame(sample.taken, window, list(procs.values()), listeners, host, sample.loss,
@@ -276,7 +280,8 @@ class TopModel:
 
     @staticmethod
     def _listener_details(listeners: list[ListenerRow], conns: list[dict[str, Any]],
-                          accepts: collections.Counter, window: float | None) -> None:
+                          accepted: dict[tuple[int, int], list[float | None]],
+                          window: float | None) -> None:
         by_port = {(ln.d["netns"], ln.port): ln for ln in listeners}
         for d in conns:
             ln = by_port.get((d["netns"], d["local_port"]))
@@ -284,8 +289,8 @@ class TopModel:
             if ln is None or d["role"] in ("listener", "client"):
                 continue
             ln.established += 1
-            if d.get("accept_wait_us") is not None and window and (d.get("age_s") or 0) <= window:
-                ln.accept_waits_us.append(d["accept_wait_us"])
         for ln in listeners:
+            waits = accepted.get((ln.d["netns"], ln.port), [])
+            ln.accept_waits_us = [w for w in waits if w is not None]
             if window:
-                ln.accepts_s = accepts[(ln.d["netns"], ln.port)] / window
+                ln.accepts_s = len(waits) / window

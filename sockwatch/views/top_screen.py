@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from sockwatch.views.top_model import ConnRow, Frame, ListenerRow, ProcRow
+from sockwatch.views.top_model import Frame
 
-MIN_WIDTH, MIN_HEIGHT = 80, 24
 INTERVALS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 VIEWS = ("processes", "connections", "listeners", "latency")
 Segment = tuple[str, str]  # (text, style): "" plain, title, head, sort, sel, key, dim
@@ -119,7 +118,8 @@ PROCESS_COLUMNS = (
 )
 
 CONNECTION_COLUMNS = (
-    _c("FD", 4, lambda c: c.d["fd"], lambda v: "-" if v is None else str(v), help="file descriptor"),
+    _c("FD", 4, lambda c: c.d["fd"], lambda v: "-" if v is None else str(v),
+       help="file descriptor"),
     _c("ROLE", 6, lambda c: c.d["role"], priority=2, left=True, help="client/server"),
     _c("STATE", 10, lambda c: c.d["state"], left=True, help="TCP state"),
     _c("LOCAL", 15, lambda c: endpoint(c.d, "local"), left=True, flex=True, help="local address"),
@@ -130,7 +130,8 @@ CONNECTION_COLUMNS = (
     _c("RX/s", 5, lambda c: c.rx_s, size, help="payload bytes received per second"),
     _c("SENT", 5, lambda c: c.d["bytes_sent"], size, 1, help="payload bytes sent"),
     _c("RECV", 5, lambda c: c.d["bytes_received"], size, 1, help="payload bytes received"),
-    _c("RTT", 6, lambda c: c.d["rtt_us"], micros, help="smoothed round-trip time"),
+    _c("RTT", 6, lambda c: c.d["rtt_us"] or None, micros,
+       help="smoothed round-trip time ('-': no sample yet, or a listener)"),
     _c("HS", 6, lambda c: c.handshake_s, duration, help="handshake time"),
     _c("RETR", 4, lambda c: c.d["retransmits"], count, 2, help="segments retransmitted"),
     _c("RQW50", 6, lambda c: c.d.get("rcvq_wait_p50_us"), micros, 3,
@@ -179,8 +180,10 @@ LATENCY_COLUMNS = (
     _c("LAYER", 16, lambda r: r["layer"], left=True, help="what the time was spent in"),
     _c("IFACE", 8, lambda r: r["interface"], left=True, help="network interface"),
     _c("COUNT", 6, lambda r: r["count"], count, help="observations since start"),
-    _c("P50", 6, lambda r: r["p50_seconds"], duration, help="median (interpolated in its log2 bucket)"),
-    _c("P99", 6, lambda r: r["p99_seconds"], duration, help="99th percentile (interpolated in its log2 bucket)"),
+    _c("P50", 6, lambda r: r["p50_seconds"], duration,
+       help="median (interpolated in its log2 bucket)"),
+    _c("P99", 6, lambda r: r["p99_seconds"], duration,
+       help="99th percentile (interpolated in its log2 bucket)"),
     _c("MEAN", 6, _mean, duration, help="sum / count"),
     _c("1us..134s", 14, lambda r: r["p50_seconds"], flex=True, left=True,
        help="distribution over log2 buckets, 1us at the left"),
@@ -228,8 +231,7 @@ class UIState:
     pid: int | None = None  # the process drilled into ("connections" view)
     paused: bool = False
     interval: float = 2.0
-    help: bool = False
-    message: str = ""
+    help: int = 0  # 0: no help; 1: the keys; 2: the columns of the view
 
     def sort_by(self, step: int) -> None:
         """Move the sort column left or right."""
@@ -254,10 +256,10 @@ def _sort_key(value: Any) -> tuple:
     return (1, value.lower() if isinstance(value, str) else value)
 
 
-def rows(frame: Frame, state: UIState) -> list[Any]:
-    """The rows of the current view, filtered and sorted."""
+def rows(frame: Frame, state: UIState, view: str | None = None) -> list[Any]:
+    """The rows of a view (the current one by default), filtered and sorted."""
     text = state.filter.lower()
-    view = state.view
+    view = view or state.view
     if view == "processes":
         items: list[Any] = [p for p in frame.processes if not text or p.matches(text)]
     elif view == "connections":
@@ -269,8 +271,8 @@ def rows(frame: Frame, state: UIState) -> list[Any]:
     elif view == "listeners":
         items = [ln for ln in frame.listeners if not text or ln.matches(text)]
     else:
-        items = [ly for ly in frame.latency.get("layers", [])
-                 if not text or text in f"{ly['direction']} {ly['layer']} {ly['interface']}".lower()]
+        items = [ly for ly in frame.latency.get("layers", []) if not text
+                 or text in f"{ly['direction']} {ly['layer']} {ly['interface']}".lower()]
     title, desc = state.sort[view]
     col = next((c for c in COLUMNS[view] if c.title == title), None)
     if col is not None:
@@ -301,7 +303,7 @@ HELP = [
     "                 enter keeps it, esc drops it; c clears it",
     "  space          pause / resume (rates stay exact: the window keeps counting)",
     "  + -            refresh less / more often (0.5 s to 10 s)",
-    "  ? h            this help; any key closes it",
+    "  ? h            this help (again: what each column shows); other keys close it",
     "",
     "Rates are per second over the refresh window; '-' means not known.",
 ]
@@ -381,12 +383,11 @@ def _view_bar(frame: Frame | None, state: UIState, n: int) -> Line:
             proc = next((p for p in frame.processes if p.pid == state.pid), None)
             name = f"{state.pid} {proc.process}" if proc else f"{state.pid} (gone)"
         tabs.append(f"[{i}:{name}]" if VIEWS[i - 1] == state.view else f"{i}:{name}")
-    title, desc = state.sort[state.view]
-    bar = " ".join(tabs) + f"  {n} rows  sort {title} {'v' if desc else '^'}"
-    if state.filter or state.editing:
+    bar = " ".join(tabs)
+    if state.filter or state.editing:  # before the rest: it must show in 80 columns
         bar += f"  filter: {state.filter}" + ("_" if state.editing else "")
-    if state.message:
-        bar += f"  {state.message}"
+    title, desc = state.sort[state.view]
+    bar += f"  {n} rows  sort {title} {'v' if desc else '^'}"
     return [(bar, "key" if state.editing else "dim")]
 
 
@@ -394,18 +395,20 @@ def render(frame: Frame | None, source: str, state: UIState, width: int,
            height: int | None) -> list[Line]:
     """The whole screen; ``height`` None: every row (for --once into a pipe)."""
     width = max(20, width)
-    if state.help:
+    if state.help == 1:
         lines = [[(ln, "title" if i == 0 else "")] for i, ln in enumerate(HELP)]
-        cells = [f"  {c.title:<7} {c.help}" for c in COLUMNS[state.view]]
-        per_line = max(1, width // 60)  # side by side when there is room
-        lines.append([(f"Columns of the {state.view} view:", "title")])
-        for i in range(0, len(cells), per_line):
-            lines.append([("".join(f"{c[:60]:<60}" for c in cells[i:i + per_line]), "")])
+        lines.append([(f"? again: what each column of the {state.view} view shows", "key")])
+        return [_clip(line, width) for line in (lines[:height] if height else lines)]
+    if state.help == 2:
+        lines = [[(f"Columns of the {state.view} view (any key closes this):", "title")]]
+        lines += [[(f"  {c.title:<7} {c.help}", "")] for c in COLUMNS[state.view]]
         return [_clip(line, width) for line in (lines[:height] if height else lines)]
     out = _header(frame, source, state, width)
     items = rows(frame, state) if frame is not None else []
     out.append(_view_bar(frame, state, len(items)))
     extra = _interfaces(frame, width) if frame is not None and state.view == "latency" else []
+    if height:
+        extra = extra[:height // 3]  # the layers keep most of the screen
     body = (height - len(out) - 1 - len(extra)) if height else len(items) + 1
     if body >= 1:
         out += _table(COLUMNS[state.view], items, state, width, body,

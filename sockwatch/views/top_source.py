@@ -52,8 +52,8 @@ def _modes(hooks: list[dict[str, Any]]) -> dict[str, str]:
 class LocalSource:
     """Attaches the probes in this process; a thread drains the ring buffer."""
 
-    def __init__(self, cfg: loader.LoaderConfig, flt: Filter, monitor: Monitor | None = None):
-        self.monitor = monitor or Monitor(cfg)
+    def __init__(self, cfg: loader.LoaderConfig, flt: Filter):
+        self.monitor = Monitor(cfg)
         self._flt = flt
         self._events: list[records.ConnEvent] = []
         self._dropped = 0
@@ -61,7 +61,8 @@ class LocalSource:
         self._stop = threading.Event()
         self.monitor.start()
         self.label = "probes attached here"
-        self._modes = {h.hook: h.mode for h in self.monitor.probes.plan.hooks}  # type: ignore[union-attr]
+        plan = self.monitor.probes.plan  # type: ignore[union-attr]
+        self._modes = {h.hook: h.mode for h in plan.hooks}
         self._thread = threading.Thread(target=self.monitor.run, name="top-events",
                                         args=(self._stop, self._keep), daemon=True)
         self._thread.start()

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -420,12 +421,18 @@ class Prometheus:
     port: int
     log_path: Path
 
+    def api(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        """GET /api/v1/<path>: the decoded reply, a refused query's error reply included."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:  # 400/422 carry {"status": "error", ...}
+            return json.load(exc)
+
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Instant query through the HTTP API: the ``result`` vector."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": promql})
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            doc = json.load(resp)
+        doc = self.api("query", {"query": promql})
         assert doc["status"] == "success", doc
         return doc["data"]["result"]
 

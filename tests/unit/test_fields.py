@@ -103,7 +103,7 @@ CONN_KEYS = {
     "tcpi_bytes_received", "tcpi_bytes_sent", "tcpi_bytes_retrans", "state_times", "age_s",
     "seen_by", "rcvq_wait_p50_us", "rcvq_wait_max_us", "accept_wait_us",
 }
-LATENCY_KEYS = {"rcvq_wait_p50_us", "rcvq_wait_max_us", "accept_wait_us"}  # table rows only
+LATENCY_KEYS = {"rcvq_wait_p50_us", "rcvq_wait_max_us", "accept_wait_us"}
 
 
 def _known_record(**kw):
@@ -178,7 +178,7 @@ def test_connection_dict_listener_has_backlog():
 def test_event_dict_open_and_close():
     """Trace JSON: opens carry the state, closes the result, last state and lifetime."""
     d = fields.event_dict(_known_record())
-    assert set(d) == (CONN_KEYS - {"age_s", "seen_by"} - LATENCY_KEYS) | {"ts_ns", "event", "tid"}
+    assert set(d) == (CONN_KEYS - {"age_s", "seen_by"}) | {"ts_ns", "event", "tid"}
     assert (d["event"], d["state"], d["pid"], d["tid"], d["fd"]) == ("connect", "ESTAB", 321,
                                                                     322, 4)
     assert d["bytes_sent"] == 13_000 and d["tcpi_bytes_sent"] == 15_000

@@ -61,16 +61,17 @@ def two_frames():
     fresh = {SYN_SENT: NOW - S, ESTAB: NOW - S + 10_000_000}  # opened 1 s ago, 10 ms handshake
     ended = ev(Kind.CLOSE, ino=3, sport=40003, dport=443, tgid=100, comm=b"curl",
                bytes_sent=700, bytes_received=40, state=CLOSE, oldstate=ESTAB, state_ns=OLD,
-               ts_ns=NOW)
+               ts_ns=NOW, rcvq_wait_p50_ns=30_000, rcvq_wait_max_ns=900_000)
     events = [ev(tgid=100, comm=b"curl", ino=8, sport=50008, state_ns={SYN_SENT: NOW}),
               ev(tgid=100, comm=b"curl", ino=2, sport=40002, state_ns=fresh),
               ev(Kind.CLOSE, tgid=100, comm=b"curl", ino=8, sport=50008, state=CLOSE,
                  oldstate=SYN_SENT, result=Result.REFUSED, state_ns={SYN_SENT: NOW}, ts_ns=NOW),
               ev(role=Role.SERVER, attrib=Attrib.ACCEPT, tgid=200, comm=b"nginx", ino=9,
-                 sport=80, dport=51000, state_ns={SYN_RECV: NOW, ESTAB: NOW}),
+                 sport=80, dport=51000, state_ns={SYN_RECV: NOW, ESTAB: NOW},
+                 accept_wait_ns=250_000),
               ended]
     second = model.update(sample(12.0, [
-        web_conn(1, 5000, 2500),  # +4000 / +2000 over the window
+        web_conn(1, 5000, 2500, rcvq_wait_p50_ns=10_000, rcvq_wait_max_ns=50_000),
         web_conn(2, 2000, 30, states=fresh),  # opened in the window: all of it counts
         web_conn(4, 9999, 9999, tgid=100),  # predates the window, never seen: no rate
         web_conn(5, 0, 0, tgid=200, comm=b"nginx"),
@@ -121,12 +122,23 @@ def test_counters_going_backwards_never_give_negative_rates():
     assert by_pid(frame)[100].tx_s == 0 and by_pid(frame)[100].rx_s == 0
 
 
+def test_receive_queue_wait_of_live_and_closed_connections():
+    """RQW comes from live connections and from those that closed in the window;
+    '-' (None) for a process the stack probes measured nothing for."""
+    _, second = two_frames()
+    curl, nginx = by_pid(second)[100], by_pid(second)[200]
+    assert sorted(curl.rcvq_p50_us) == [pytest.approx(10), pytest.approx(30)]
+    assert curl.rcvq_wait_max_us == pytest.approx(900)
+    assert nginx.rcvq_wait_p50_us is None and nginx.rcvq_wait_max_us is None
+    assert second.host.rcvq_wait_max_us == pytest.approx(900)
+
+
 def test_listener_rows_count_accepts_and_established():
     _, second = two_frames()
     (ln,) = second.listeners
     assert (ln.pid, ln.port, ln.d["backlog"]) == (200, 80, 511)
     assert ln.accepts_s == pytest.approx(0.5)
-    assert ln.accept_wait_p50_us is None  # not reported on this kernel side
+    assert ln.accept_wait_p50_us == pytest.approx(250)  # from the accept event
 
 
 def test_percentile_is_nearest_rank():
@@ -234,11 +246,16 @@ def test_selection_scrolls_and_stays_on_screen():
     assert st.top["processes"] > 0
 
 
-def test_help_fits_80x24():
+@pytest.mark.parametrize("view", screen.VIEWS)
+def test_help_and_column_help_fit_80x24(view):
     _, second = two_frames()
-    lines, text = screen_text(second, screen.UIState(help=True), 80, 24)
+    lines, text = screen_text(second, screen.UIState(help=1, view=view), 80, 24)
     assert len(lines) <= 24 and all(len(t) <= 80 for t in text)
     assert any("quit" in t for t in text) and any("filter" in t for t in text)
+    assert "? again" in text[-1]
+    lines, text = screen_text(second, screen.UIState(help=2, view=view), 80, 24)
+    assert len(lines) <= 24 and all(len(t) <= 80 for t in text)
+    assert [t.split()[0] for t in text[1:]] == [c.title for c in screen.COLUMNS[view]]
 
 
 def test_once_output_without_height_lists_every_row_and_no_escapes():

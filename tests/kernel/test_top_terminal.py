@@ -267,9 +267,12 @@ def test_top_in_tmux_keys_views_resize_and_quit(workload, tmux_top):
     hs = next(ln for ln in lines if "handshake_client" in ln).split()
     assert int(hs[1]) > 0 and hs[2] != "-"
 
-    # help, then any key closes it
+    # help, then what each column shows, then any key closes it
     t.keys("?")
     t.wait("help", lambda ls: any("this help" in ln for ln in ls))
+    t.keys("?")
+    t.wait("column help", lambda ls: ls[0].startswith("Columns of the latency view")
+           and ls[1].split()[:1] == ["DIR"])
     t.keys("x")
     t.wait("help closed", lambda ls: "[4:latency]" in view_bar(ls))
 
@@ -342,15 +345,25 @@ def test_top_once_and_json_show_the_workload(workload):
     # ground truth: the kernel's own list of the process's sockets
     inodes = {int(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{pid}/fd")
               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
-    listed = {s["ino"] for s in mine["sockets"] if s["local_port"] == port and s["state"] == "ESTAB"}
+    listed = {s["ino"] for s in mine["sockets"]
+              if s["local_port"] == port and s["state"] == "ESTAB"}
     assert len(listed) >= 3 and listed <= inodes | {0}
-    assert [ln["local_port"] for ln in doc["listeners"] if ln["pid"] == pid] == [port]
+    (listener,) = [ln for ln in doc["listeners"] if ln["pid"] == pid]
+    assert listener["local_port"] == port and listener["accepts_per_s"] > 0
+    # the waits measured in the kernel: accept() of the short connections, and the
+    # receive queue of the echoed data (stack probes, when this kernel runs them)
+    assert listener["accept_wait_p50_us"] > 0
+    if doc["latency"]["enabled"]:
+        assert 0 < mine["rcvq_wait_p50_us"] <= mine["rcvq_wait_max_us"]
 
 
-def test_top_reads_a_daemon(workload, tmp_path):
+def test_top_reads_a_daemon(workload, tmp_path, tmux_top):
     proc, port = workload
     d = du.start_daemon(tmp_path)
     try:
+        t = tmux_top("--interval", "1", "--url", d.url, width=160, height=24)
+        t.wait("the workload read from the daemon", lambda ls: ls[0].startswith(
+            f"sockwatch top - daemon {d.url}") and row_of(ls, proc.pid) is not None)
         out = run_top("--once", "--interval", "1", "--url", d.url, "--pid", str(proc.pid))
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -365,7 +378,12 @@ def test_top_reads_a_daemon(workload, tmp_path):
         assert set(d.get("/api/loss").json()) >= {"ringbuf_full", "decode_errors"}
     finally:
         d.stop()
-    # the daemon is gone now: one line, non-zero
+    # the daemon went away under the live view: the terminal is restored, one line, exit 1
+    assert t.wait_exit() == "1"
+    (line, status) = [ln for ln in t.screen() if ln.strip()]
+    assert line.startswith(f"sockwatch: cannot reach a sockwatch daemon at {d.url}")
+    assert status == "top-exit=1"
+    # and so does a fresh start
     out = run_top("--once", "--url", d.url)
     assert out.returncode == 1 and out.stdout == ""
     assert re.fullmatch(r"sockwatch: cannot reach a sockwatch daemon at \S+: .*\n", out.stderr)
