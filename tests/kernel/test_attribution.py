@@ -122,7 +122,7 @@ def _child(addr: tuple[str, int], name: bytes) -> None:
 
 def test_thousand_short_lived_processes_attributed():
     with Monitor(LoaderConfig(ringbuf_bytes=RING_BYTES)) as monitor:
-        short_lived_children(monitor, n)
+        short_lived_children(monitor, N_CHILDREN)
 
 
 def short_lived_children(monitor: Monitor, n: int) -> float:
