@@ -63,14 +63,14 @@ enum sw_stat {
 	SW_STAT_STACK_HISTS_FULL = 6,	/* a stack latency not counted: stack_hists map full */
 	SW_STAT_IFACES_FULL = 7,	/* a packet not counted: ifaces map full */
 	SW_STAT_RESCUED = 8,		/* record saved by the rescue ring (not a loss) */
+	SW_STAT_NESTED_RUNS = 9,	/* set_state events the kernel skipped, caught by the twin */
 	/*
 	 * Entries put in and taken out of the socks LRU map by us: the map evicts
 	 * silently when full (even a little before: per-CPU free lists), so user
 	 * space derives evictions as added - removed - entries present.
 	 */
-	SW_STAT_SOCKS_ADDED = 9,
-	SW_STAT_SOCKS_REMOVED = 10,
-	SW_STAT_NESTED_RUNS = 11,	/* set_state events the kernel skipped, caught by the twin */
+	SW_STAT_SOCKS_ADDED = 10,
+	SW_STAT_SOCKS_REMOVED = 11,
 	SW_STAT_MAX = 12,
 };
 

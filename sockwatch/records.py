@@ -64,9 +64,9 @@ class Stat(enum.IntEnum):
     STACK_HISTS_FULL = 6  # a stack latency not counted: stack_hists map full
     IFACES_FULL = 7  # a packet not counted in its interface's totals: ifaces map full
     RESCUED = 8  # saved by the rescue ring: not a loss
-    SOCKS_ADDED = 9  # entries put in the socks map (see Probes.socks_evicted)
-    SOCKS_REMOVED = 10  # entries taken out of it by us (not evicted)
-    NESTED_RUNS = 11  # set_state events the kernel skipped for nesting, caught by the twin
+    NESTED_RUNS = 9  # set_state events the kernel skipped for nesting, caught by the twin
+    SOCKS_ADDED = 10  # entries put in the socks map (see Probes.socks_fill)
+    SOCKS_REMOVED = 11  # entries taken out of it by us (not evicted)
 
 
 class Total(enum.IntEnum):
