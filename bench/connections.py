@@ -238,6 +238,7 @@ def engine_child(argv: list[str]) -> int:
     ap.add_argument("--hold-count", type=int, default=0)
     ap.add_argument("--precise-accept", action="store_true")
     ap.add_argument("--ringbuf-bytes", type=int, default=0)
+    ap.add_argument("--no-stack-latency", action="store_true")
     ap.add_argument("--raw", action="store_true",
                     help="diagnosis: drain the ring buffer but decode nothing")
     args = ap.parse_args(argv)
@@ -262,7 +263,8 @@ def engine_child(argv: list[str]) -> int:
     import sockwatch
 
     import_s = time.monotonic() - t_spawn
-    cfg = LoaderConfig(precise_accept=args.precise_accept)
+    cfg = LoaderConfig(precise_accept=args.precise_accept,
+                       stack_latency=not args.no_stack_latency)
     if args.ringbuf_bytes:
         cfg = dataclasses.replace(cfg, ringbuf_bytes=args.ringbuf_bytes)
     mon = Monitor(cfg)
@@ -538,6 +540,8 @@ class Bench:
                "--hold-count", str(self.args.hold)]
         if self.args.ringbuf_mb:
             cmd += ["--ringbuf-bytes", str(int(self.args.ringbuf_mb * (1 << 20)))]
+        if self.args.no_stack_latency:
+            cmd.append("--no-stack-latency")
         if precise == "precise":
             cmd.append("--precise-accept")
         elif precise == "raw":
@@ -892,6 +896,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--drain-wait", type=float, default=0.15,
                     help="pause between the end of the load and the final drain")
     ap.add_argument("--skip-getpid", action="store_true", help="connection loop only")
+    ap.add_argument("--no-stack-latency", action="store_true",
+                    help="the engine without the per-packet stack probes (the core alone)")
     ap.add_argument("--ringbuf-mb", type=float, default=0,
                     help="experiment: give the engine a ring buffer of this size "
                     "(default: the product's)")
