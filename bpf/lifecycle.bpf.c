@@ -180,11 +180,15 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 	return bpf_map_lookup_elem(&socks, &key);
 }
 
-/* Stop tracking a socket (counted only if it was still there: not evicted). */
+/*
+ * Stop tracking a closed socket: its entry (counted only if it was still there,
+ * not evicted) and its stack-latency state.
+ */
 static __always_inline void untrack(__u64 key)
 {
 	if (!bpf_map_delete_elem(&socks, &key))
 		percpu_inc(&stats, SW_STAT_SOCKS_REMOVED);
+	bpf_map_delete_elem(&sock_stack, &key);
 }
 
 /* The kernel's own TCP counters, read once per close (and per snapshot row). */
@@ -553,7 +557,6 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		else if (s->role != SW_ROLE_LISTENER)
 			account_close(s, &c, now);
 		untrack(key);
-		bpf_map_delete_elem(&sock_stack, &key);
 		if (s->role == SW_ROLE_LISTENER) {
 			struct listen_key lkey = {
 				.netns = sock_netns(sk),
@@ -826,7 +829,7 @@ int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
  */
 static __always_inline int handle_destroy(const struct sock *sk)
 {
-	__u64 key = (__u64)sk;
+	__u64 key = (__u64)sk, now = bpf_ktime_get_ns();
 	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
 	struct counters c;
 	__u8 result;
@@ -836,11 +839,10 @@ static __always_inline int handle_destroy(const struct sock *sk)
 	percpu_inc(&stats, SW_STAT_LATE_CLOSE);
 	result = classify_close(sk, TCP_ESTABLISHED);
 	read_counters(&c, sk);
-	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, bpf_ktime_get_ns());
+	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, now);
 	if (s->role != SW_ROLE_LISTENER)
-		account_close(s, &c, bpf_ktime_get_ns());
+		account_close(s, &c, now);
 	untrack(key);
-	bpf_map_delete_elem(&sock_stack, &key);
 	return 0;
 }
 

@@ -358,7 +358,7 @@ class Monitor:
             decode_errors=self._reader.decode_errors + self.table.counters["malformed"],
             table_full=self.table.counters["table_full"],
             totals_map_full=st[records.Stat.TOTALS_FULL],
-            recursion_misses=self.probes.recursion_misses(),
+            recursion_misses=max(0, self.probes.skipped_runs() - st[records.Stat.NESTED_RUNS]),
             undelivered=self.table.counters["undelivered"],
             untracked_close=st[records.Stat.UNTRACKED_CLOSE],
             suppressed_close=st[records.Stat.SUPPRESSED_CLOSE],

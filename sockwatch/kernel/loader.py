@@ -296,14 +296,14 @@ class Probes:
         values = read_percpu_u64_array(self._transitions_fd, n * n)
         return {(i // n, i % n): v for i, v in enumerate(values) if v}
 
-    def recursion_misses(self) -> int:
-        """Events lost because the kernel skipped a program that was already running on
-        the CPU: every lifecycle program's skipped runs, less those of the state program
-        its twin handled (a twin's own skips are events the first copy handled)."""
+    def skipped_runs(self) -> int:
+        """Runs the kernel skipped because the program was already running on the CPU,
+        over every lifecycle program but the state program's twin (its skips are
+        events the first copy handled). Less the twin's catches (Stat.NESTED_RUNS),
+        these are the events lost to nesting."""
         assert self._obj is not None
-        skipped = sum(self._obj.recursion_misses(link.program) for link in self._links
-                      if link.program not in _TWIN_PROGRAMS)
-        return max(0, skipped - self.stats()[records.Stat.NESTED_RUNS])
+        return sum(self._obj.recursion_misses(link.program) for link in self._links
+                   if link.program not in _TWIN_PROGRAMS)
 
     def totals(self) -> dict[records.TotalKey, int]:
         """The kernel's running totals (connects, accepts, bytes) by task name."""

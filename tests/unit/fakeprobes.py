@@ -60,7 +60,7 @@ class FakeProbes:
     def transitions(self) -> dict:
         return {}
 
-    def recursion_misses(self) -> int:
+    def skipped_runs(self) -> int:
         return 0
 
 
