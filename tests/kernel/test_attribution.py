@@ -361,6 +361,16 @@ def parse_ss(text: str) -> dict[int, dict]:
     return socks
 
 
+def exchange(cli: socket.socket, acc: socket.socket, up: int, down: int) -> None:
+    """The client sends ``up`` bytes, then the server ``down``; each is read in full."""
+    for sender, receiver, n in ((cli, acc, up), (acc, cli, down)):
+        if n:
+            sender.sendall(b"x" * n)
+            got = 0
+            while got < n:
+                got += len(receiver.recv(65536))
+
+
 def ss_snapshot(ports: list[int]) -> dict[int, dict]:
     expr = " or ".join(f"sport = :{p} or dport = :{p}" for p in ports)
     out = subprocess.run(["ss", "-tanpie", "-i", "-H", expr],
@@ -399,15 +409,7 @@ def test_table_json_agrees_with_ss():
             cli.connect((host, srv.getsockname()[1]))
             acc, _ = srv.accept()
             socks.append(acc)
-            cli.sendall(b"u" * up)
-            got = 0
-            while got < up:
-                got += len(acc.recv(65536))
-            if down:
-                acc.sendall(b"d" * down)
-                got = 0
-                while got < down:
-                    got += len(cli.recv(65536))
+            exchange(cli, acc, up, down)
             pairs.append((cli, acc))
         # ground truth from /proc/self/fd: socket:[inode] for each fd the test holds
         my_inos = {int(os.readlink(f"/proc/self/fd/{s.fileno()}")[8:-1]): s.fileno()
@@ -523,15 +525,7 @@ def run_workload(mon: Monitor) -> tuple[list, list, set[int]]:
             acc.settimeout(5)
             conns.append((cli, acc))
             labels[cli.fileno()], labels[acc.fileno()] = f"client{i}", f"server{i}"
-            cli.sendall(b"c" * up)
-            got = 0
-            while got < up:
-                got += len(acc.recv(65536))
-            if down:
-                acc.sendall(b"s" * down)
-                got = 0
-                while got < down:
-                    got += len(cli.recv(65536))
+            exchange(cli, acc, up, down)
         # connections() drains the ring buffer into the table: keep what it holds first
         events.extend(mon.poll())
         live = [
