@@ -233,8 +233,16 @@ def test_top_in_tmux_keys_views_resize_and_quit(workload, tmux_top):
 
     # drill down: the workload's fds, sockets and 5-tuples
     t.keys("Enter")
-    lines = t.wait("the drill-down", lambda ls: f"[2:{pid} {NAME}]" in view_bar(ls)
-                   and ls[4].split()[:1] == ["FD"])
+    def drilled(ls: list[str]) -> bool:
+        """The drill-down, once /proc has named the fds of the workload's clients
+        (a frame drawn before that shows "-" for them)."""
+        if f"[2:{pid} {NAME}]" not in view_bar(ls) or ls[4].split()[:1] != ["FD"]:
+            return False
+        titles, body = table(ls, "FD")
+        clients = [dict(zip(titles, r)) for r in body]
+        return all(r["FD"] != "-" for r in clients if r["REMOTE"] == f"127.0.0.1:{port}")
+
+    lines = t.wait("the drill-down", drilled)
     titles, body = table(lines, "FD")
     rows = [dict(zip(titles, r)) for r in body]
     socket_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
