@@ -572,23 +572,44 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 /*
  * The kernel never runs a tp_btf/raw_tp program while the same program is
  * under way on that CPU (bpf_prog->active): a softirq that changes a socket's
- * state while set_state runs in a task would go unseen. So a second copy of
- * the program is attached to the same tracepoint. It does nothing unless the
- * first copy is under way on this CPU, which means the kernel skipped the
- * first copy for this event; then it handles the event. Records lost to
- * nesting are the first copy's skipped runs minus SW_STAT_NESTED_RUNS.
- * (Classic tracepoints share one per-CPU guard for all programs: no help.)
+ * state, or frees one, while the program runs in a task would go unseen. So
+ * the two hooks that fire in both contexts (the state change and the destroy)
+ * get a second copy of their program on the same tracepoint. It does nothing
+ * unless the first copy is under way on this CPU, which means the kernel
+ * skipped the first copy for this event; then it handles the event. Records
+ * lost to nesting are the first copies' skipped runs minus
+ * SW_STAT_NESTED_RUNS. (Classic tracepoints share one per-CPU guard for all
+ * programs: no help.)
  */
+enum { SW_NEST_STATE, SW_NEST_DESTROY, SW_NEST_HOOKS };
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, SW_NEST_HOOKS);
 	__type(key, __u32);
 	__type(value, __u32);
-} set_state_depth SEC(".maps");
+} nest_depth SEC(".maps");
+
+/* The first copy's depth counter for this hook on this CPU. */
+static __always_inline __u32 *nest_depth_of(__u32 hook)
+{
+	return bpf_map_lookup_elem(&nest_depth, &hook);
+}
+
+/* In the twin: true when the first copy was skipped for this event. */
+static __always_inline bool nested_event(__u32 hook)
+{
+	__u32 *depth = nest_depth_of(hook);
+
+	if (!depth || !*depth)
+		return false; /* the first copy has run for this event */
+	percpu_inc(&stats, SW_STAT_NESTED_RUNS);
+	return true;
+}
 
 static __always_inline int set_state_first(const struct sock *sk, int oldstate, int newstate)
 {
-	__u32 zero = 0, *depth = bpf_map_lookup_elem(&set_state_depth, &zero);
+	__u32 *depth = nest_depth_of(SW_NEST_STATE);
 
 	if (!depth)
 		return 0;
@@ -600,12 +621,7 @@ static __always_inline int set_state_first(const struct sock *sk, int oldstate, 
 
 static __always_inline int set_state_nested(const struct sock *sk, int oldstate, int newstate)
 {
-	__u32 zero = 0, *depth = bpf_map_lookup_elem(&set_state_depth, &zero);
-
-	if (!depth || !*depth)
-		return 0; /* the first copy has run for this event */
-	percpu_inc(&stats, SW_STAT_NESTED_RUNS);
-	return handle_set_state(sk, oldstate, newstate);
+	return nested_event(SW_NEST_STATE) ? handle_set_state(sk, oldstate, newstate) : 0;
 }
 
 /*
@@ -846,16 +862,40 @@ static __always_inline int handle_destroy(const struct sock *sk)
 	return 0;
 }
 
+static __always_inline int destroy_first(const struct sock *sk)
+{
+	__u32 *depth = nest_depth_of(SW_NEST_DESTROY);
+
+	if (!depth)
+		return 0;
+	(*depth)++;
+	handle_destroy(sk);
+	(*depth)--;
+	return 0;
+}
+
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_btf, struct sock *sk)
 {
-	return handle_destroy(sk);
+	return destroy_first(sk);
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_btf_nested, struct sock *sk)
+{
+	return nested_event(SW_NEST_DESTROY) ? handle_destroy(sk) : 0;
 }
 
 SEC("raw_tp/tcp_destroy_sock")
 int BPF_PROG(destroy_raw, struct sock *sk)
 {
-	return handle_destroy(sk);
+	return destroy_first(sk);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(destroy_raw_nested, struct sock *sk)
+{
+	return nested_event(SW_NEST_DESTROY) ? handle_destroy(sk) : 0;
 }
 
 SEC("tp/tcp/tcp_destroy_sock")

@@ -58,10 +58,14 @@ _TP_PROGRAMS = {
         "tracepoint": "accept_sys_tp",
     },
 }
-# Second copies of the state program that catch the events the kernel skips
-# while the first copy runs on the same CPU (see set_state_nested).
-_NESTED_TWINS = {"tp_btf": ("set_state_btf_nested",), "raw_tp": ("set_state_raw_nested",)}
-_TWIN_PROGRAMS = frozenset(p for twins in _NESTED_TWINS.values() for p in twins)
+# Second copies of the state and destroy programs that catch the events the
+# kernel skips while the first copy runs on the same CPU (see nested_event).
+_NESTED_TWINS = {
+    "state": {"tp_btf": ("set_state_btf_nested",), "raw_tp": ("set_state_raw_nested",)},
+    "destroy": {"tp_btf": ("destroy_btf_nested",), "raw_tp": ("destroy_raw_nested",)},
+}
+_TWIN_PROGRAMS = frozenset(p for hook in _NESTED_TWINS.values()
+                           for twins in hook.values() for p in twins)
 _FUNCTION_PROGRAMS = {
     "connect": {"fentry": "connect_fentry", "kprobe": "connect_kprobe"},
     "accept": {"fentry": "accept_fexit", "kprobe": "accept_kretprobe"},
@@ -181,8 +185,9 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
     fn = _pick_function_flavour(feats, cfg.attach_mode)
     plan = Plan(tracepoint_flavour=tp, function_flavour=fn)
     plan.hooks.append(HookChoice("state", tp, (_TP_PROGRAMS["state"][tp],
-                                               *_NESTED_TWINS.get(tp, ()))))
-    plan.hooks.append(HookChoice("destroy", tp, (_TP_PROGRAMS["destroy"][tp],),
+                                               *_NESTED_TWINS["state"].get(tp, ()))))
+    plan.hooks.append(HookChoice("destroy", tp, (_TP_PROGRAMS["destroy"][tp],
+                                                 *_NESTED_TWINS["destroy"].get(tp, ())),
                                  "closes whose transition was missed, announced late"))
     if fn:
         plan.hooks.append(HookChoice("connect", fn, (_FUNCTION_PROGRAMS["connect"][fn],)))

@@ -40,14 +40,14 @@ def test_fallback_plan_on_development_kernel():
     assert plan.tracepoint_flavour == "tp_btf" and plan.function_flavour is None
     assert hooks(plan) == {
         "state": ("tp_btf", ("set_state_btf", "set_state_btf_nested")),
-        "destroy": ("tp_btf", ("destroy_btf",)),
+        "destroy": ("tp_btf", ("destroy_btf", "destroy_btf_nested")),
         "connect": ("state", ()),
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
         **STACK_BTF,
     }
     assert [h.hook for h in plan.hooks][:5] == ["state", "destroy", "connect", "accept", "snapshot"]
-    assert plan.programs == {"set_state_btf", "set_state_btf_nested", "destroy_btf", "send_btf", "recv_btf", "dump_tcp"} | {
+    assert plan.programs == {"set_state_btf", "set_state_btf_nested", "destroy_btf", "destroy_btf_nested", "send_btf", "recv_btf", "dump_tcp"} | {
         p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
@@ -166,7 +166,7 @@ def test_fentry_allowed_uses_function_programs():
     assert plan.function_flavour == "fentry"
     assert hooks(plan) == {
         "state": ("tp_btf", ("set_state_btf", "set_state_btf_nested")),
-        "destroy": ("tp_btf", ("destroy_btf",)),
+        "destroy": ("tp_btf", ("destroy_btf", "destroy_btf_nested")),
         "connect": ("fentry", ("connect_fentry",)),
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
