@@ -4,10 +4,13 @@ Records are the only input: OPEN and CLOSE from the ring buffer, SNAPSHOT rows
 from iter/tcp at start and at each reconciliation. Nothing here touches the
 kernel or /proc, so the rules below are unit-tested with plain records.
 
-The table keeps each socket's latest record as raw bytes and reads only the
-hot fields at its head (``records.HOT``) to apply it: under a connection flood
-that is the whole per-record cost. Views decode rows into ``Connection``s
-when they ask (``snapshot()``), and counting by process happens in the kernel.
+The table keeps each live socket's latest record in one slab of fixed-size
+slots, with the owner as we know it written into the record itself, and reads
+only the hot fields at a record's head (``records.HOT``) to apply it: under a
+connection flood that is the whole per-record cost, and at 100k live sockets a
+Python object per row would cost twice the memory of the records. Views get
+``Row`` copies (``live[key]``, ``row()``) or scan fields straight from the slab
+(``scan()``); closed rows are ``Row`` objects in a bounded ring.
 
 Ordering rules (records from before a row's incarnation must not touch it,
 since the kernel reuses sock addresses quickly):
@@ -21,9 +24,12 @@ since the kernel reuses sock addresses quickly):
 
 from __future__ import annotations
 
+import array
 import collections
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from sockwatch import records
 from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
@@ -38,6 +44,24 @@ _N_ROLES, _N_RESULTS, _N_ATTRIBS = len(Role), len(Result), len(Attrib)
 _COMM = slice(records.COMM_OFFSET, records.COMM_OFFSET + records.COMM_LEN)
 _SIZE = records.EVENT_SIZE
 _hot = records.HOT.unpack_from
+# What a row keeps of its owner inside its stored record: the latest record's
+# time, and the owner's pid, fd and attribution.
+_stored = records.field_reader("ts_ns", "sock.tgid", "sock.fd", "sock.attrib").unpack_from
+_OWNER = struct.Struct("<Ii")  # sock.tgid, sock.fd: adjacent in the record
+_OWNER_OFFSET = records.SwEvent.sock.offset + records.SwSock.tgid.offset
+_ATTRIB_OFFSET = records.SwEvent.sock.offset + records.SwSock.attrib.offset
+_KEY = records.field_reader("skaddr").unpack_from
+_comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
+_NETNS = records.field_reader("netns").unpack_from
+_SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
+_NEEDS = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
+_INO = records.field_reader("sock.ino").unpack_from
+_MIN_SLOTS = 1024
+# Row flags
+_NAMED = 1  # the owner was read from /proc
+_BY_SNAPSHOT = 2  # first seen by a kernel walk, not by an event
+_SEEN = 4  # seen by the kernel walk under way
+_CLEAR_SEEN = bytes(i & ~_SEEN for i in range(256))
 _OPENED = tuple(f"opened_{r.name.lower()}" for r in Role)  # indexed by role, no enum per record
 
 
@@ -113,11 +137,48 @@ class Row:
                           self.closed_ns, self.reconciled)
 
 
+class LiveRows(Mapping):
+    """The live rows as a read-only mapping of key to ``Row`` copies, made on access:
+    for tests and narrow lookups; bulk readers use ``ConnTable.scan``."""
+
+    def __init__(self, table: "ConnTable"):
+        self._table = table
+
+    def __getitem__(self, key: int) -> Row:
+        return self._table._row(self._table._index[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table._index
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._table._index))
+
+    def __len__(self) -> int:
+        return len(self._table._index)
+
+
 class ConnTable:
-    """``process -> fd -> socket -> 5-tuple``, applied from raw records."""
+    """``process -> fd -> socket -> 5-tuple``, applied from raw records.
+
+    Live rows live in slots of ``_slab`` (one record each, the owner written
+    into it), found by socket address through ``_index``; per-slot extras sit in
+    parallel arrays. Freed slots are reused; the slab grows by a quarter (a
+    record is 312 bytes: doubling would leave up to half of it idle) and is
+    compacted after a walk once three quarters of it are free, so memory follows
+    the number of live sockets both ways.
+    """
 
     def __init__(self, closed_capacity: int = 4096, max_live: int = 262144):
-        self.live: dict[int, Row] = {}
+        self._index: dict[int, int] = {}  # socket address -> slot
+        self._slab = bytearray()
+        self._alive = array.array("Q")  # alive_since_ns
+        self._flags = bytearray()  # _NAMED | _BY_SNAPSHOT | _SEEN
+        self._name = array.array("I")  # index into _names of the /proc name; 0: none
+        self._free: list[int] = []  # free slots, lowest last
+        self._names: list[str] = [""]
+        self._name_ids: dict[str, int] = {}
+        self._grow(_MIN_SLOTS)
+        self.live = LiveRows(self)
         self.closed: collections.deque[Row] = collections.deque(maxlen=closed_capacity)
         self.max_live = max_live
         self.counters: collections.Counter[str] = collections.Counter()
@@ -128,16 +189,100 @@ class ConnTable:
         # (role, result) numbers of every connection that ended; see ended_by_name()
         self.ended: collections.Counter[tuple[int, int]] = collections.Counter()
 
+    # -- slots -----------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (live rows plus free ones)."""
+        return len(self._alive)
+
+    def _grow(self, n: int) -> None:
+        old = self.capacity
+        self._slab.extend(bytes(n * _SIZE))
+        self._alive.extend(array.array("Q", bytes(8 * n)))
+        self._flags.extend(bytes(n))
+        self._name.extend(array.array("I", bytes(4 * n)))
+        self._free[:0] = range(old + n - 1, old - 1, -1)
+
+    def _insert(self, key: int, blob: bytes, off: int, alive_since: int, flags: int) -> None:
+        if not self._free:
+            self._grow(self.capacity // 4)
+        slot = self._free.pop()
+        self._index[key] = slot
+        o = slot * _SIZE
+        self._slab[o : o + _SIZE] = memoryview(blob)[off : off + _SIZE]
+        self._alive[slot] = alive_since
+        self._flags[slot] = flags
+        self._name[slot] = 0
+
+    def _drop(self, key: int, slot: int) -> None:
+        del self._index[key]
+        self._free.append(slot)
+
+    def _row(self, slot: int) -> Row:
+        """A copy of a live row, as the closed ring and views hold it."""
+        o = slot * _SIZE
+        raw = bytes(self._slab[o : o + _SIZE])
+        ts, _key, _k, _r, _s, _o, netns, _open, tgid, fd, _role, attrib = _hot(raw)
+        flags = self._flags[slot]
+        row = Row(raw, ts, self._alive[slot], netns, tgid, fd, attrib,
+                  "snapshot" if flags & _BY_SNAPSHOT else "event")
+        if self._name[slot]:
+            row.comm = self._names[self._name[slot]]
+        row.named = bool(flags & _NAMED)
+        return row
+
+    def _set_owner(self, o: int, tgid: int, fd: int, attrib: int) -> None:
+        _OWNER.pack_into(self._slab, o + _OWNER_OFFSET, tgid, fd)
+        self._slab[o + _ATTRIB_OFFSET] = attrib
+
+    def _compact(self) -> None:
+        """Move the live rows to the lowest slots and give the rest back, once
+        three quarters of the slab are free (a burst of sockets has gone)."""
+        n, cap = len(self._index), self.capacity
+        if cap <= _MIN_SLOTS or n * 4 > cap or self._walk_since is not None:
+            return
+        size = max(_MIN_SLOTS, n + n // 4)
+        slab, alive = bytearray(size * _SIZE), array.array("Q", bytes(8 * size))
+        flags, name = bytearray(size), array.array("I", bytes(4 * size))
+        old = memoryview(self._slab)
+        for new, (key, slot) in enumerate(self._index.items()):
+            slab[new * _SIZE : (new + 1) * _SIZE] = old[slot * _SIZE : (slot + 1) * _SIZE]
+            alive[new], flags[new], name[new] = self._alive[slot], self._flags[slot], self._name[slot]
+            self._index[key] = new
+        old.release()
+        self._slab, self._alive, self._flags, self._name = slab, alive, flags, name
+        self._free = list(range(size - 1, n - 1, -1))
+
+    def _name_id(self, name: str) -> int:
+        nid = self._name_ids.get(name)
+        if nid is None:
+            nid = self._name_ids[name] = len(self._names)
+            self._names.append(name)
+        return nid
+
+    def _prune_names(self) -> None:
+        """Forget /proc names no live row uses any more (names of exited processes)."""
+        if len(self._names) <= 1024 + len(self._index):
+            return
+        used = {self._name[slot] for slot in self._index.values()} - {0}
+        keep = [""] + [self._names[i] for i in sorted(used)]
+        remap = {old: new for new, old in enumerate(sorted(used), 1)}
+        for slot in self._index.values():
+            self._name[slot] = remap.get(self._name[slot], 0)
+        self._names, self._name_ids = keep, {name: i for i, name in enumerate(keep) if i}
+
     # -- records ---------------------------------------------------------------
     def apply_batch(self, blob: bytes, offsets: Iterable[int]) -> None:
         """Apply records found at ``offsets`` in ``blob`` (the ring buffer's hot path:
-        hot fields are read in place, bytes are copied only for what is kept).
+        hot fields are read in place, and bytes are copied only for what is kept).
 
-        The two commonest records, a new socket's OPEN and the CLOSE of a row
-        that has one, are applied inline: under a connection flood this loop is
-        the engine's whole per-record cost, and calls are most of it in Python.
+        A new socket's OPEN, the commonest record with its CLOSE, is applied
+        inline: under a connection flood this loop is the engine's whole
+        per-record cost, and calls are most of it in Python.
         """
-        live, closed, ended, counters = self.live, self.closed, self.ended, self.counters
+        index, counters, free, slab = self._index, self.counters, self._free, self._slab
+        alive_a, flags_a, name_a = self._alive, self._flags, self._name
+        mv = memoryview(blob)
         last = len(blob) - _SIZE
         for off in offsets:
             if not 0 <= off <= last:
@@ -145,101 +290,95 @@ class ConnTable:
                 continue
             h = _hot(blob, off)
             ts, skaddr, kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
-            row = live.get(skaddr)
-            if (kind == _OPEN and row is None and role < _N_ROLES and attrib < _N_ATTRIBS
-                    and len(live) < self.max_live):
-                live[skaddr] = Row(blob[off : off + _SIZE], ts, open_ns or ts, netns, tgid, fd,
-                                   attrib, "event")
+            if role >= _N_ROLES or attrib >= _N_ATTRIBS or result >= _N_RESULTS or kind not in _KINDS:
+                counters["malformed"] += 1  # never from our kernel side; counted, not fatal
+            elif kind == _OPEN and skaddr not in index and len(index) < self.max_live:
+                if not free:
+                    self._grow(self.capacity // 4)
+                    slab, alive_a, flags_a, name_a = self._slab, self._alive, self._flags, self._name
+                slot = free.pop()
+                index[skaddr] = slot
+                o = slot * _SIZE
+                slab[o : o + _SIZE] = mv[off : off + _SIZE]
+                alive_a[slot] = open_ns or ts
+                flags_a[slot] = 0
+                name_a[slot] = 0
                 counters[_OPENED[role]] += 1
-            elif (kind == _CLOSE and row is not None and open_ns and ts >= row.alive_since_ns
-                    and ts >= row.ts_ns and role < _N_ROLES and result < _N_RESULTS
-                    and attrib < _N_ATTRIBS and self._walk_since is None):
-                del live[skaddr]
-                # _replace and _take_owner, for a record that is now the row's latest
-                if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
-                    row.tgid, row.attrib, row.comm = tgid, attrib, None
-                elif row.comm is None:
-                    row.comm = row.raw[_COMM]
-                if fd >= 0:
-                    row.fd = fd
-                row.raw, row.ts_ns, row.closed_ns = blob[off : off + _SIZE], ts, ts
-                closed.append(row)
-                ended[(role, result)] += 1
+            elif kind == _CLOSE:
+                self._close(blob, off, h)
             else:
-                self._apply(blob, off)
+                self._upsert(blob, off, h)
 
     def apply(self, raw: bytes) -> None:
         """Apply one record (exactly ``records.EVENT_SIZE`` bytes)."""
-        self._apply(raw, 0)
+        self.apply_batch(raw, (0,) if len(raw) == _SIZE else (-1,))
 
-    def _apply(self, blob: bytes, off: int) -> None:
-        if off < 0 or off + _SIZE > len(blob):
-            self.counters["malformed"] += 1  # a torn or misaddressed record
-            return
-        h = _hot(blob, off)
-        if h[2] not in _KINDS or h[10] >= _N_ROLES or h[3] >= _N_RESULTS or h[11] >= _N_ATTRIBS:
-            self.counters["malformed"] += 1  # never from our kernel side; counted, not fatal
-            return
-        raw = blob[off : off + _SIZE] if off or len(blob) != _SIZE else blob
-        if h[2] == _CLOSE:
-            self._close(raw, h)
-        else:
-            self._upsert(raw, h)
-
-    def _upsert(self, raw: bytes, h: tuple) -> None:
+    def _upsert(self, blob: bytes, off: int, h: tuple) -> None:
         ts, skaddr, kind, _res, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
-        row = self.live.get(skaddr)
-        if row is None:
+        slot = self._index.get(skaddr)
+        if slot is None:
             if kind == _SNAPSHOT and self._closed_during_walk.get(skaddr, -1) >= ts:
                 return  # read by the walk just before it closed: not alive any more
-            if len(self.live) >= self.max_live:
+            if len(self._index) >= self.max_live:
                 self.counters["table_full"] += 1
                 return
-            seen_by = "snapshot" if kind == _SNAPSHOT else "event"
-            self.live[skaddr] = Row(raw, ts, open_ns or ts, netns, tgid, fd, attrib, seen_by)
-            if kind == _OPEN:
-                self.counters[_OPENED[role]] += 1
-            return
-        if ts < row.alive_since_ns:
-            return  # a record from an earlier socket at this address
-        if open_ns > row.alive_since_ns:
-            # A later socket at the same address: the old one closed unseen.
-            self._retire(skaddr, row, open_ns, "stale_replaced")
-            self._upsert(raw, h)
-            return
-        if ts >= row.ts_ns:
-            self._replace(row, raw, ts)
-        self._take_owner(row, raw, tgid, fd, attrib)
+            self._insert(skaddr, blob, off, open_ns or ts,
+                         _BY_SNAPSHOT if kind == _SNAPSHOT else 0)
+        else:
+            alive = self._alive[slot]
+            if ts < alive:
+                return  # a record from an earlier socket at this address
+            if open_ns > alive:
+                # A later socket at the same address: the old one closed unseen.
+                self._retire(skaddr, slot, open_ns, "stale_replaced")
+                self._upsert(blob, off, h)
+                return
+            self._update(slot, blob, off, ts, tgid, fd, attrib)
         if kind == _OPEN:
             self.counters[_OPENED[role]] += 1
 
-    @staticmethod
-    def _replace(row: Row, raw: bytes, ts: int) -> None:
-        """Newer counters and state; the owner's name stays until an owner is taken anew."""
-        if row.comm is None:
-            row.comm = row.raw[_COMM]
-        row.raw, row.ts_ns = raw, ts
+    def _update(self, slot: int, blob: bytes, off: int, ts: int, tgid: int, fd: int,
+                attrib: int) -> None:
+        """A newer record brings counters and state; its owner replaces ours only if
+        a task made it (a guess never replaces what a task or /proc told us), and
+        a known fd never goes back to unknown."""
+        slab, o = self._slab, slot * _SIZE
+        s_ts, s_tgid, s_fd, s_attrib = _stored(slab, o)
+        takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+        if ts >= s_ts:
+            comm = slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN]
+            slab[o : o + _SIZE] = memoryview(blob)[off : off + _SIZE]
+            if not takes:  # keep our owner: pid, attribution and name
+                tgid, attrib = s_tgid, s_attrib
+                slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN] = comm
+        elif takes:
+            slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN] = \
+                blob[off + records.COMM_OFFSET : off + records.COMM_OFFSET + records.COMM_LEN]
+        else:
+            tgid, attrib = s_tgid, s_attrib
+        if takes:
+            self._name[slot] = 0
+        self._set_owner(o, tgid, fd if fd >= 0 else s_fd, attrib)
 
-    @staticmethod
-    def _take_owner(row: Row, raw: bytes, tgid: int, fd: int, attrib: int) -> None:
-        """A task's attribution beats a guess; a guess never replaces what /proc found."""
-        if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
-            row.tgid, row.attrib = tgid, attrib
-            row.comm = None if row.raw is raw else raw[_COMM]
-        if fd >= 0:
-            row.fd = fd
-
-    def _close(self, raw: bytes, h: tuple) -> None:
+    def _close(self, blob: bytes, off: int, h: tuple) -> None:
         ts, skaddr, _kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
-        row = self.live.get(skaddr)
-        if row is not None and ts >= row.alive_since_ns:
-            del self.live[skaddr]
+        raw = bytes(blob[off : off + _SIZE])
+        slot = self._index.get(skaddr)
+        if slot is not None and ts >= self._alive[slot]:
+            o = slot * _SIZE
             if not open_ns and records.needs_tuple_from(raw):
                 # An untracked close (the socket predates us) comes after the kernel
                 # released the port and detached the file: keep what the row knew.
-                raw = records.with_tuple_of(raw, row.raw)
-            self._replace(row, raw, ts)
-            self._take_owner(row, raw, tgid, fd, attrib)
+                raw = records.with_tuple_of(raw, self._slab[o : o + _SIZE])
+            row = self._row(slot)
+            self._drop(skaddr, slot)
+            if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
+                row.tgid, row.attrib, row.comm = tgid, attrib, None
+            elif row.comm is None:
+                row.comm = row.raw[_COMM]
+            if fd >= 0:
+                row.fd = fd
+            row.raw, row.ts_ns = raw, ts
         else:
             # Never seen open: a failed connect, or a socket that lived and died
             # between two reads. The CLOSE record carries everything.
@@ -255,44 +394,92 @@ class ConnTable:
         """A kernel walk starts: remember closes until remove_missing() ends it."""
         self._walk_since = now_ns
         self._closed_during_walk.clear()
+        self._flags = bytearray(self._flags.translate(_CLEAR_SEEN))
 
-    def merge_snapshot(self, rows: Iterable[bytes]) -> set[int]:
-        """Apply iter/tcp rows (fresh counters, sockets that predate us); returns their keys."""
-        seen = set()
-        for raw in rows:
-            if len(raw) == _SIZE:
-                seen.add(_hot(raw)[1])
-            self._apply(raw, 0)
-        return seen
+    def merge_snapshot(self, blob: bytes, offsets: Iterable[int]) -> None:
+        """Apply iter/tcp rows found at ``offsets`` in ``blob`` (fresh counters, sockets
+        that predate us), and mark their rows seen by this walk. ``offsets`` is
+        read twice: a range or a list."""
+        self.apply_batch(blob, offsets)
+        index, flags, last = self._index, self._flags, len(blob) - _SIZE
+        for off in offsets:
+            if 0 <= off <= last:
+                slot = index.get(_KEY(blob, off)[0])
+                if slot is not None:
+                    flags[slot] |= _SEEN
 
-    def remove_missing(self, seen: set[int], snapshot_ns: int, walked: set[int]) -> int:
-        """Drop rows the snapshot should have seen but did not; returns how many.
+    def remove_missing(self, snapshot_ns: int, walked: set[int]) -> int:
+        """Drop rows the walk should have seen but did not; returns how many.
 
-        Only namespaces in ``walked`` were looked at; rows elsewhere stay.
+        Only namespaces in ``walked`` were looked at; rows elsewhere stay. Ends
+        the walk, and gives back slab space a burst of sockets no longer needs.
         """
-        gone = [
-            (key, row)
-            for key, row in self.live.items()
-            if key not in seen and row.netns in walked and row.alive_since_ns < snapshot_ns
-        ]
-        for key, row in gone:
-            self._retire(key, row, snapshot_ns, "reconciled_removed")
+        slab, flags, alive = self._slab, self._flags, self._alive
+        gone = [(key, slot) for key, slot in self._index.items()
+                if not flags[slot] & _SEEN and alive[slot] < snapshot_ns
+                and _NETNS(slab, slot * _SIZE)[0] in walked]
+        for key, slot in gone:
+            self._retire(key, slot, snapshot_ns, "reconciled_removed")
         self._walk_since = None
         self._closed_during_walk.clear()
+        self._compact()
+        self._prune_names()
         return len(gone)
 
-    def _retire(self, key: int, row: Row, when_ns: int, counter: str) -> None:
+    def _retire(self, key: int, slot: int, when_ns: int, counter: str) -> None:
         """Move a row whose close was never seen to the closed ring, and count it."""
-        del self.live[key]
+        row = self._row(slot)
+        self._drop(key, slot)
         row.closed_ns = when_ns
         row.reconciled = True
         self.closed.append(row)
         self.counters[counter] += 1
 
     # -- reading -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def row(self, key: int) -> Row | None:
+        """A copy of the live row of ``key``, if there is one."""
+        slot = self._index.get(key)
+        return None if slot is None else self._row(slot)
+
+    def scan(self, unpack: Callable[[bytes, int], tuple]) -> Iterator[tuple[tuple, bytes | str]]:
+        """(``unpack(slab, offset)``, owner's name) of every live row, straight from
+        the slab: the fields a scrape needs, without a copy per row. The owner's
+        pid, fd and attribution are in the record; the name is raw comm bytes, or
+        the name /proc gave. Hold the lock the table is guarded by meanwhile."""
+        slab, names, name_of = self._slab, self._names, self._name
+        for slot in self._index.values():
+            o = slot * _SIZE
+            nid = name_of[slot]
+            yield unpack(slab, o), names[nid] if nid else _comm(slab, o)[0]
+
+    def select(self, where: Callable[[int, str, int, int, int], bool]) -> list[int]:
+        """Keys of the live rows for which ``where(pid, name, state, sport, dport)``."""
+        return [key for key, ((state, tgid, sport, dport), comm)
+                in zip(self._index, self.scan(_SELECT))
+                if where(tgid, comm if isinstance(comm, str) else records.decode_comm(comm),
+                         state, sport, dport)]
+
+    def owners_to_find(self, fds: bool, keys: set[int] | None = None
+                       ) -> list[tuple[int, int, int, int]]:
+        """(key, pid, inode, alive since) of the rows, of all or of those in ``keys``,
+        whose owner is a guess, or (with ``fds``) whose fd is unknown."""
+        slab, flags, alive, index = self._slab, self._flags, self._alive, self._index
+        items = index.items() if keys is None else ((k, index[k]) for k in keys if k in index)
+        need = []
+        for key, slot in items:
+            o = slot * _SIZE
+            tgid, fd, attrib = _NEEDS(slab, o)
+            guess = not flags[slot] & _NAMED and (tgid == 0 or attrib not in TASK_ATTRIBUTIONS)
+            if guess or (fds and fd < 0):
+                need.append((key, tgid, _INO(slab, o)[0], alive[slot]))
+        return need
+
     def snapshot(self) -> list[Connection]:
         """Decoded copies of the live rows: views may keep them while the table moves on."""
-        return [row.connection() for row in self.live.values()]
+        return [self._row(slot).connection() for slot in self._index.values()]
 
     def recently_closed(self) -> list[Connection]:
         return [row.connection() for row in self.closed]
@@ -302,7 +489,9 @@ class ConnTable:
 
     def name_owner(self, key: int, tgid: int, comm: str, fd: int) -> None:
         """Record the owner /proc found for a live row (an fd never changes while it lives)."""
-        row = self.live.get(key)
-        if row is not None:
-            row.tgid, row.comm, row.fd, row.named = tgid, comm, fd, True
-
+        slot = self._index.get(key)
+        if slot is not None:
+            o = slot * _SIZE
+            self._set_owner(o, tgid, fd, self._slab[o + _ATTRIB_OFFSET])
+            self._name[slot] = self._name_id(comm)
+            self._flags[slot] |= _NAMED

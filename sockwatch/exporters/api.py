@@ -12,7 +12,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Generator, Iterable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
@@ -20,12 +20,16 @@ from prometheus_client.openmetrics import exposition as openmetrics_format
 
 from sockwatch.exporters.http import Handler, Request, Response
 from sockwatch.monitor import Monitor
+from sockwatch.tables import Connection
 from sockwatch import records
 from sockwatch.views import fields
 from sockwatch.views import probes as probes_view
 from sockwatch.views.filters import Filter
 
 JSON = "application/json"
+# What /api/processes needs of each live row: owner, state and counters.
+_BY_PROCESS = records.field_reader("state", "sock.tgid", "bytes_received", "bytes_sent",
+                                   "bytes_retrans", "total_retrans", "peer_fin").unpack_from
 
 
 class EventLog:
@@ -130,6 +134,17 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(obj).encode(), JSON)
 
 
+def _json_array(batches: Iterable[list[Any]]) -> Generator[bytes, None, None]:
+    """A JSON array made and sent a batch at a time: at 200k live connections the
+    whole list as objects would take hundreds of megabytes."""
+    sep = b"["
+    for batch in batches:
+        if batch:
+            yield sep + json.dumps(batch)[1:-1].encode()
+            sep = b","
+    yield b"]" if sep == b"," else b"[]"
+
+
 def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog,
                  healthy: threading.Event) -> dict[str, Handler]:
     """All routes, closed over the monitor they read."""
@@ -155,9 +170,10 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             flt = _filter(req.query)
         except BadQuery as exc:
             return _json({"error": str(exc)}, 400)
+        batches: Iterable[list[Connection]]
         if req.query.get("closed") in ("1", "true"):
             with monitor.lock:
-                conns = monitor.table.recently_closed()
+                batches = [monitor.table.recently_closed()]
         else:
             # refresh=1: walk the kernel first, for live byte counters as of now
             # (what `sockwatch top --url` computes rates from); otherwise as of the
@@ -165,23 +181,24 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             fresh = req.query.get("refresh") in ("1", "true")
             if not fresh:
                 monitor.sync()
-            conns = monitor.connections(refresh=fresh, where=flt.row_matches)
-        now = time.monotonic_ns()
-        rows = [fields.connection_dict(c, now) for c in conns if flt.matches(c.ev, c.tgid, c.comm)]
-        return _json(rows)
+            batches = monitor.connection_batches(refresh=fresh, where=flt.row_matches)
+        return Response(200, _json_array(
+            [fields.connection_dict(c, time.monotonic_ns()) for c in batch
+             if flt.matches(c.ev, c.tgid, c.comm)] for batch in batches), JSON)
 
     def processes(req: Request) -> Response:
         monitor.sync()
         monitor.resolve_owners(fds=False)
         by_pid: dict[int, dict[str, Any]] = {}
-        live_unpack = records.LIVE.unpack_from
         with monitor.lock:
-            for row in monitor.table.live.values():
-                if not row.tgid:
+            for (state, tgid, b_recv, b_sent, b_retr, retrans, fin), name in \
+                    monitor.table.scan(_BY_PROCESS):
+                if not tgid:
                     continue
-                state, _role, b_recv, b_sent, b_retr, retrans, _sport, fin = live_unpack(row.raw)
-                summary = by_pid.setdefault(row.tgid, {
-                    "pid": row.tgid, "process": row.comm_name, "states": {},
+                summary = by_pid.setdefault(tgid, {
+                    "pid": tgid,
+                    "process": name if isinstance(name, str) else records.decode_comm(name),
+                    "states": {},
                     "bytes_sent": 0, "bytes_received": 0, "retransmits": 0})
                 name = fields.state_name(state)
                 summary["states"][name] = summary["states"].get(name, 0) + 1

@@ -20,7 +20,7 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator, Iterator
 
 log = logging.getLogger("sockwatch.http")
 
@@ -39,7 +39,7 @@ class Request:
 @dataclass
 class Response:
     status: int
-    body: bytes
+    body: bytes | Generator[bytes, None, None]  # a generator is sent chunked, made in the pool
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -164,18 +164,18 @@ class HttpServer:
             if request is None:
                 await self._send(writer, Response(400, b"bad request\n"))
                 return
-            await self._send(writer, await self._dispatch(request))
+            await self._answer(writer, request)
         except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             pass  # the client went away or stalled; nothing to answer
         finally:
             self._open -= 1
             writer.close()
 
-    async def _dispatch(self, request: Request) -> Response:
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer to a request no handler will see, if it is one."""
         if request.method != "GET":
             return Response(405, b"only GET\n", headers={"Allow": "GET"})
-        handler = self.routes.get(request.path)
-        if handler is None:
+        if request.path not in self.routes:
             return Response(404, b"not found\n")
         if self.auth and not self.auth.allows(request.headers.get("authorization")):
             return Response(401, b"unauthorized\n",
@@ -184,20 +184,62 @@ class HttpServer:
             self.rejected += 1
             return Response(503, b"busy: too many concurrent requests\n",
                             headers={"Retry-After": "1"})
+        return None
+
+    async def _answer(self, writer: asyncio.StreamWriter, request: Request) -> None:
+        """Handle a request in the pool and send the answer; the request counts
+        against ``max_requests`` until its last byte is sent (a streamed body is
+        made while it is sent)."""
+        refusal = self._refusal(request)
+        if refusal is not None:
+            await self._send(writer, refusal)
+            return
         self._inflight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, _call, handler, request)
+            resp = await loop.run_in_executor(self._pool, _call, self.routes[request.path],
+                                              request)
+            await self._send(writer, resp)
         finally:
             self._inflight -= 1
 
     async def _send(self, writer: asyncio.StreamWriter, resp: Response) -> None:
+        streamed = not isinstance(resp.body, bytes)
         head = [f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, '')}",
-                f"Content-Type: {resp.content_type}", f"Content-Length: {len(resp.body)}",
+                f"Content-Type: {resp.content_type}",
+                "Transfer-Encoding: chunked" if streamed else f"Content-Length: {len(resp.body)}",
                 "Connection: close"]
         head += [f"{k}: {v}" for k, v in resp.headers.items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + resp.body)
-        await asyncio.wait_for(writer.drain(), self.timeout)
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode()
+        if not streamed:
+            writer.write(head_bytes + resp.body)
+            await asyncio.wait_for(writer.drain(), self.timeout)
+            return
+        parts = resp.body
+        writer.write(head_bytes)
+        loop = asyncio.get_running_loop()
+        try:
+            while (part := await loop.run_in_executor(self._pool, _next_part, parts)) is not None:
+                if part:
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await asyncio.wait_for(writer.drain(), self.timeout)
+            writer.write(b"0\r\n\r\n")
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        finally:
+            parts.close()  # a client that went away releases what the body holds
+
+
+def _next_part(parts: Iterator[bytes]) -> bytes | None:
+    """The next part of a streamed body; None at its end. A handler that fails
+    half-way cannot change the status any more: the body ends unterminated, so
+    the client sees a broken answer, never a short one that looks whole."""
+    try:
+        return next(parts)
+    except StopIteration:
+        return None
+    except Exception:
+        log.exception("streamed answer failed")
+        raise ConnectionAbortedError("streamed answer failed") from None
 
 
 def _call(handler: Handler, request: Request) -> Response:

@@ -127,9 +127,9 @@ class SockwatchCollector(Collector):
         live_unpack = records.LIVE.unpack_from
         with mon.lock:
             table = mon.table
-            for row in table.live.values():
-                state, role, b_recv, b_sent, b_retr, segs_retr, sport, fin = live_unpack(row.raw)
-                proc = self._process(row.comm_bytes)
+            for (state, role, b_recv, b_sent, b_retr, segs_retr, sport, fin), name in \
+                    table.scan(live_unpack):
+                proc = self._process(name)
                 by_state[(state_name(state), proc)] += 1
                 if role == Role.LISTENER:
                     listeners[(self.ports(str(sport)), proc)] += 1
@@ -140,9 +140,9 @@ class SockwatchCollector(Collector):
                 retrans[proc] += segs_retr
             ended = table.ended_by_name()
             counters = dict(table.counters)
-            live_count = len(table.live)
-            per_conn = ([row.connection() for _, row in zip(range(self.per_connection_limit),
-                                                            table.live.values())]
+            live_count = len(table)
+            per_conn = ([table.row(key).connection()
+                         for _, key in zip(range(self.per_connection_limit), table.live)]
                         if self.per_connection else [])
 
         yield _family(CounterMetricFamily, "connects", "Outgoing connection attempts by result.",

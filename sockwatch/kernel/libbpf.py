@@ -16,6 +16,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 from sockwatch.errors import SockwatchError
 
@@ -417,14 +418,22 @@ def create_iterator(link: Link) -> int:
     return fd
 
 
-def read_all(fd: int, chunk: int = 1 << 20) -> bytes:
-    """Read an iterator fd to the end, then close it."""
-    parts = []
+def read_records(fd: int, size: int, per_chunk: int) -> Iterator[bytes]:
+    """Read an iterator fd to the end in chunks of up to ``per_chunk`` whole records
+    of ``size`` bytes (a torn tail comes last, alone), then close it. A reader of
+    chunks holds one at a time: a walk of 300k sockets is not 100 MB at once."""
+    tail = b""
     try:
         while True:
-            data = os.read(fd, chunk)
+            data = os.read(fd, size * per_chunk)
             if not data:
-                return b"".join(parts)
-            parts.append(data)
+                if tail:
+                    yield tail
+                return
+            data = tail + data if tail else data
+            whole = len(data) - len(data) % size
+            tail = data[whole:]
+            if whole:
+                yield data[:whole] if tail else data
     finally:
         os.close(fd)

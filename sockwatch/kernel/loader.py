@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from sockwatch import records
 from sockwatch.errors import AttachError, BpfObjectError
@@ -34,7 +35,7 @@ from sockwatch.kernel.libbpf import (
     Link,
     count_keys,
     create_iterator,
-    read_all,
+    read_records,
     read_hash,
     read_percpu_u64_array,
     read_percpu_u64_hash,
@@ -283,13 +284,16 @@ class Probes:
         self._socks_fd = obj.map_fd("socks")
         self.socks_capacity = obj.map_max_entries("socks")
 
-    def snapshot_bytes(self, netns_path: str | None = None) -> bytes:
+    def snapshot_chunks(self, netns_path: str | None = None,
+                        per_chunk: int = 2048) -> Iterator[bytes]:
         """Run iter/tcp: one raw record per live TCP socket of a network namespace
-        (ours, or the one at ``netns_path``)."""
+        (ours, or the one at ``netns_path``), in chunks of whole records. The walk
+        starts now (an OSError here if the namespace is gone); it is read as the
+        chunks are consumed, so consume them at once."""
         link = self._snapshot_link
-        if netns_path is None:
-            return read_all(create_iterator(link))
-        return read_all(netns.call_in(netns_path, lambda: create_iterator(link)))
+        fd = (create_iterator(link) if netns_path is None
+              else netns.call_in(netns_path, lambda: create_iterator(link)))
+        return read_records(fd, records.EVENT_SIZE, per_chunk)
 
     def stats(self) -> dict[records.Stat, int]:
         values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from typing import Iterator
 
 from sockwatch import records
 from sockwatch.kernel.loader import Probes
@@ -29,12 +29,18 @@ class EventReader:
     def backlog(self) -> int:
         return self._probes.ring.backlog()
 
-    def snapshot(self, netns_path: str | None = None) -> tuple[int, list[bytes]]:
-        """(CLOCK_MONOTONIC ns taken just before the walk, one raw row per live socket)
-        for our network namespace or the one at ``netns_path``."""
-        started = time.monotonic_ns()
-        data = self._probes.snapshot_bytes(netns_path)
+    def walk(self, netns_path: str | None = None) -> Iterator[bytes]:
+        """One raw row per live socket of our network namespace or the one at
+        ``netns_path``, in chunks of whole records. The walk starts at the call
+        (OSError if the namespace is gone); consume the chunks at once."""
+        return self._whole_records(self._probes.snapshot_chunks(netns_path))
+
+    def _whole_records(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         size = records.EVENT_SIZE
-        rows = [data[off : off + size] for off in range(0, len(data) - size + 1, size)]
-        self.decode_errors += len(data) % records.EVENT_SIZE != 0  # a torn tail
-        return started, rows
+        for chunk in chunks:
+            torn = len(chunk) % size
+            if torn:  # only ever the last chunk
+                self.decode_errors += 1
+                chunk = chunk[: len(chunk) - torn]
+            if chunk:
+                yield chunk

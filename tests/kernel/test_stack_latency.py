@@ -186,7 +186,7 @@ def mean_s(hist: list[int]) -> float:
 
 def snapshot(probes: Probes, ns: str | None = None) -> list[records.ConnEvent]:
     """Every TCP socket of namespace ``ns`` (default: ours), as iter/tcp reports it."""
-    raw = probes.snapshot_bytes(f"/run/netns/{ns}" if ns else None)
+    raw = b"".join(probes.snapshot_chunks(f"/run/netns/{ns}" if ns else None))
     size = records.EVENT_SIZE
     return [records.decode(raw[i : i + size]) for i in range(0, len(raw), size)]
 
@@ -509,7 +509,7 @@ def test_stack_latency_off_loads_no_stack_program() -> None:
         assert not p.stack_enabled
         assert not [h for h in p.plan.hooks if h.stack]
         assert p.stack_histograms() == {} and p.interface_totals() == {}
-        assert len(p.snapshot_bytes()) % records.EVENT_SIZE == 0
+        assert all(len(c) % records.EVENT_SIZE == 0 for c in p.snapshot_chunks())
     finally:
         p.close()
 

@@ -98,3 +98,9 @@ def raw(**kw) -> bytes:
 def event(**kw) -> records.ConnEvent:
     """A decoded record (through the real decoder)."""
     return records.decode(raw(**kw))
+
+
+def merge(tbl, *rows: bytes) -> None:
+    """Merge walk rows into a table as the monitor does, in one chunk."""
+    blob = b"".join(rows)
+    tbl.merge_snapshot(blob, range(0, len(blob), records.EVENT_SIZE))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from recfactory import raw
+from recfactory import merge, raw
 from sockwatch import records
 from sockwatch.records import Kind, Role
 from sockwatch.tables import ConnTable
@@ -68,7 +68,7 @@ def test_apply_never_raises(recs):
         tbl.apply(rec)
     consistent(tbl, len(recs))
     tbl.begin_walk(10_000)
-    tbl.remove_missing(set(), 10_000, {row.netns for row in tbl.live.values()})
+    tbl.remove_missing(10_000, {row.netns for row in tbl.live.values()})
     consistent(tbl, len(recs))
 
 
@@ -90,8 +90,8 @@ def test_snapshot_merge_never_raises(rows):
     """Walk rows with garbage in them: merged or counted, and the walk completes."""
     tbl = ConnTable(closed_capacity=8, max_live=4)
     tbl.begin_walk(5_000)
-    seen = tbl.merge_snapshot(rows)
-    tbl.remove_missing(seen, 5_000, {0})
+    merge(tbl, *rows)
+    tbl.remove_missing(5_000, {0})
     consistent(tbl, len(rows))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from recfactory import NETNS, raw
+from recfactory import NETNS, merge, raw
 from sockwatch import records
 from sockwatch.records import Attrib, Kind, Result, Role
 from sockwatch.tables import ConnTable
@@ -104,12 +104,10 @@ def test_open_older_than_live_entry_is_ignored():
 def test_snapshot_rows_seed_connections():
     """Sockets that predate sockwatch appear from the iter/tcp walk, marked as such."""
     tbl = ConnTable()
-    seen = tbl.merge_snapshot([
-        snap(skaddr=A, t=10_000, tgid=0, comm=b""),
-        snap(skaddr=B, t=10_000, tgid=300, comm=b"sshd", attrib=Attrib.LISTENER,
-             role=Role.LISTENER),
-    ])
-    assert seen == {A, B}
+    merge(tbl,
+          snap(skaddr=A, t=10_000, tgid=0, comm=b""),
+          snap(skaddr=B, t=10_000, tgid=300, comm=b"sshd", attrib=Attrib.LISTENER,
+               role=Role.LISTENER))
     assert {k: c.seen_by for k, c in tbl.live.items()} == {A: "snapshot", B: "snapshot"}
     # no state timestamps: alive since the walk that first saw it
     assert _live(tbl, A).alive_since_ns == 10_000
@@ -122,12 +120,12 @@ def test_snapshot_refreshes_counters_of_existing_connection():
     """Periodic walks bring fresh byte counters; the row keeps how it was first learned."""
     tbl = ConnTable()
     tbl.apply(opened(skaddr=A, t=1_000, bytes_sent=10, tgid=5, comm=b"app"))
-    tbl.merge_snapshot([snap(skaddr=A, t=20_000, bytes_sent=123_456, tgid=5, comm=b"app")])
+    merge(tbl, snap(skaddr=A, t=20_000, bytes_sent=123_456, tgid=5, comm=b"app"))
     conn = _live(tbl, A)
     assert conn.ev.bytes_sent == 123_456 and conn.ev.ts_ns == 20_000
     assert conn.seen_by == "event" and conn.alive_since_ns == 1_000
     # an older walk (read before a newer record was applied) must not roll counters back
-    tbl.merge_snapshot([snap(skaddr=A, t=15_000, bytes_sent=50, tgid=5, comm=b"app")])
+    merge(tbl, snap(skaddr=A, t=15_000, bytes_sent=50, tgid=5, comm=b"app"))
     assert _live(tbl, A).ev.bytes_sent == 123_456
 
 
@@ -138,8 +136,8 @@ def test_remove_missing_removes_only_rows_the_snapshot_should_have_seen():
     tbl.apply(opened(skaddr=B, t=2_000, tgid=42, comm=b"gone"))  # missed close
     tbl.apply(opened(skaddr=C, t=2_000, netns=NETNS + 1))      # another namespace
     tbl.apply(opened(skaddr=D, t=60_000))                      # opened after the walk began
-    seen = tbl.merge_snapshot([snap(skaddr=A, t=50_000)])
-    removed = tbl.remove_missing(seen, 50_000, {NETNS})
+    merge(tbl, snap(skaddr=A, t=50_000))
+    removed = tbl.remove_missing(50_000, {NETNS})
     assert removed == 1
     assert set(tbl.live) == {A, C, D}
     [gone] = tbl.recently_closed()
@@ -147,7 +145,9 @@ def test_remove_missing_removes_only_rows_the_snapshot_should_have_seen():
     assert gone.reconciled and gone.closed_ns == 50_000
     assert tbl.counters["reconciled_removed"] == 1
     # a second pass that walked both namespaces now removes C as well
-    assert tbl.remove_missing({A, D}, 70_000, {NETNS, NETNS + 1}) == 1
+    tbl.begin_walk(70_000)
+    merge(tbl, snap(skaddr=A, t=70_000), snap(skaddr=D, t=70_000))
+    assert tbl.remove_missing(70_000, {NETNS, NETNS + 1}) == 1
     assert set(tbl.live) == {A, D}
     assert tbl.counters["reconciled_removed"] == 2
 
@@ -156,7 +156,7 @@ def test_reconciled_row_is_not_a_close_result():
     """A row dropped by reconciliation has no known TCP result: it is not counted in ended."""
     tbl = ConnTable()
     tbl.apply(opened(skaddr=B, t=2_000))
-    tbl.remove_missing(set(), 50_000, {NETNS})
+    tbl.remove_missing(50_000, {NETNS})
     assert sum(tbl.ended.values()) == 0
 
 
@@ -184,7 +184,7 @@ def test_guess_never_replaces_resolved_owner():
     tbl.apply(raw(kind=Kind.OPEN, skaddr=A, ts_ns=2_000, state=ESTAB, role=Role.SERVER,
                     attrib=Attrib.LISTENER, tgid=100, comm=b"master",
                     state_ns={SYN_SENT: 1_000, ESTAB: 1_010}))
-    tbl.merge_snapshot([snap(skaddr=A, t=9_000, attrib=Attrib.NONE, tgid=100, comm=b"master")])
+    merge(tbl, snap(skaddr=A, t=9_000, attrib=Attrib.NONE, tgid=100, comm=b"master"))
     conn = _live(tbl, A)
     assert (conn.tgid, conn.comm) == (200, "worker")
 
@@ -192,9 +192,8 @@ def test_guess_never_replaces_resolved_owner():
 def test_guess_fills_an_unknown_owner():
     """A guess is better than nothing when no owner is known yet."""
     tbl = ConnTable()
-    tbl.merge_snapshot([snap(skaddr=A, t=1_000, tgid=0, comm=b"")])
-    tbl.merge_snapshot([snap(skaddr=A, t=2_000, tgid=100, comm=b"master",
-                             attrib=Attrib.LISTENER)])
+    merge(tbl, snap(skaddr=A, t=1_000, tgid=0, comm=b""))
+    merge(tbl, snap(skaddr=A, t=2_000, tgid=100, comm=b"master", attrib=Attrib.LISTENER))
     assert (_live(tbl, A).tgid, _live(tbl, A).comm) == (100, "master")
 
 
@@ -214,7 +213,7 @@ def test_max_live_caps_table_and_counts_table_full():
     tbl.apply(opened(skaddr=A))
     tbl.apply(opened(skaddr=B))
     tbl.apply(opened(skaddr=C))
-    tbl.merge_snapshot([snap(skaddr=D)])
+    merge(tbl, snap(skaddr=D))
     assert set(tbl.live) == {A, B}
     assert tbl.counters["table_full"] == 2
     # updates of rows already in the table are still applied
@@ -256,12 +255,12 @@ def test_walk_row_read_before_a_close_does_not_resurrect_it():
     tbl.begin_walk(4_000)
     row_read_at = 4_500  # the walk visited the socket ...
     tbl.apply(closed(skaddr=A, t=4_600))  # ... then it closed, before the merge
-    seen = tbl.merge_snapshot([snap(skaddr=A, t=row_read_at, state_ns={SYN_SENT: 1_000})])
+    merge(tbl, snap(skaddr=A, t=row_read_at, state_ns={SYN_SENT: 1_000}))
     assert A not in tbl.live
-    tbl.remove_missing(seen, 4_000, {NETNS})
+    tbl.remove_missing(4_000, {NETNS})
     assert A not in tbl.live and tbl.counters["reconciled_removed"] == 0
     # outside a walk the memory is gone: a later socket at the address is welcome
-    tbl.merge_snapshot([snap(skaddr=A, t=9_000, state_ns={SYN_SENT: 8_000})])
+    merge(tbl, snap(skaddr=A, t=9_000, state_ns={SYN_SENT: 8_000}))
     assert A in tbl.live
 
 
@@ -302,3 +301,69 @@ def test_batch_fast_path_matches_one_by_one(seed):
     for rec in recs:
         single.apply(rec)
     assert _state(batch) == _state(single)
+
+
+def test_slab_grows_and_gives_back_memory_after_a_burst():
+    """Rows live in a slab of fixed slots: it grows with the table, and once a
+    burst of sockets has gone a walk compacts it, keeping every surviving row
+    (owner, name, age) intact, so memory returns to what the table holds."""
+    tbl = ConnTable()
+    start = tbl.capacity
+    keys = [A + i * 8 for i in range(5000)]
+    for i, key in enumerate(keys):
+        tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1, comm=b"burst", fd=i))
+    assert len(tbl) == 5000 and tbl.capacity >= 5000 > start
+    survivors = keys[::100]
+    tbl.name_owner(survivors[1], 4242, "named-by-proc", 9)
+    before = {k: _live(tbl, k) for k in survivors}
+    for i, key in enumerate(keys):
+        if key not in before:
+            tbl.apply(closed(skaddr=key, t=100_000 + i))
+    tbl.begin_walk(200_000)
+    merge(tbl, *[snap(skaddr=k, t=200_000) for k in survivors])
+    assert tbl.remove_missing(200_000, {NETNS}) == 0
+    assert tbl.capacity < 1500 and set(tbl.live) == set(survivors)
+    for key, was in before.items():
+        now = _live(tbl, key)
+        assert (now.tgid, now.comm, now.fd, now.alive_since_ns) == \
+            (was.tgid, was.comm, was.fd, was.alive_since_ns)
+        assert now.ev.ts_ns == 200_000  # the walk's counters were applied
+    # freed slots are reused: a new burst of the same size fits where the old one was
+    for i, key in enumerate(keys[:50]):
+        tbl.apply(opened(skaddr=key + 4, t=300_000 + i))
+    assert len(tbl) == 100 and tbl.capacity < 1500
+
+
+def test_scan_select_and_owner_needs_read_the_slab_as_rows_do():
+    """Bulk readers (scrapes, filters, owner lookups) read the slab in place; they
+    must see what a Row copy shows: the owner's pid, the /proc name when there is one."""
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, tgid=10, comm=b"curl", fd=3, sport=40000, dport=8443))
+    tbl.apply(opened(skaddr=B, tgid=0, comm=b"", fd=-1, attrib=Attrib.NONE, sport=80))
+    tbl.name_owner(B, 20, "nginx: worker", 7)
+    tbl.apply(opened(skaddr=C, tgid=30, comm=b"x", fd=-1, attrib=Attrib.NONE, sport=1))
+    scanned = list(tbl.scan(records.field_reader("sock.tgid", "sport").unpack_from))
+    assert scanned == [((10, 40000), b"curl" + bytes(12)), ((20, 80), "nginx: worker"),
+                       ((30, 1), b"x" + bytes(15))]
+    assert tbl.select(lambda pid, name, state, sport, dport: name == "nginx: worker") == [B]
+    assert tbl.select(lambda pid, name, state, sport, dport: dport == 8443) == [A]
+    # B was named by /proc: no longer a guess; C is a guess without an fd
+    assert [need[:2] for need in tbl.owners_to_find(fds=False)] == [(C, 30)]
+    assert [need[0] for need in tbl.owners_to_find(fds=True, keys={A, C})] == [C]
+
+
+def test_names_of_gone_processes_are_forgotten():
+    """/proc names are interned per table; names no live row uses are pruned
+    after a walk, so a host that runs many differently named programs does not
+    grow the table's memory forever."""
+    tbl = ConnTable()
+    for i in range(3000):
+        tbl.apply(opened(skaddr=A + i * 8, t=1_000 + i, tgid=0, attrib=Attrib.NONE))
+        tbl.name_owner(A + i * 8, 100 + i, f"prog-{i}", 3)
+        if i:
+            tbl.apply(closed(skaddr=A + (i - 1) * 8, t=50_000 + i))
+    tbl.begin_walk(100_000)
+    merge(tbl, snap(skaddr=A + 2999 * 8, t=100_000))
+    tbl.remove_missing(100_000, {NETNS})
+    assert len(tbl._names) < 10
+    assert _live(tbl, A + 2999 * 8).comm == "prog-2999"

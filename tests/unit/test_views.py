@@ -78,7 +78,7 @@ def test_render_text_closed_rows_show_result():
     tbl.apply(raw(kind=Kind.CLOSE, skaddr=1, state=CLOSE, oldstate=SYN_SENT,
                     result=Result.REFUSED, state_ns={SYN_SENT: 1, CLOSE: 5}, ts_ns=5))
     tbl.apply(raw(kind=Kind.OPEN, skaddr=2, state=ESTAB, state_ns={ESTAB: 1}, ts_ns=1))
-    tbl.remove_missing(set(), 100, {_live(tbl, 2).ev.netns})
+    tbl.remove_missing(100, {_live(tbl, 2).ev.netns})
     out = io.StringIO()
     table_view.render(table_view.rows_of(tbl.recently_closed(), Filter()), out, as_json=False)
     states = [ln.split()[4] for ln in out.getvalue().splitlines()[1:]]
