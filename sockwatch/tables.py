@@ -54,7 +54,7 @@ _KEY = records.field_reader("skaddr").unpack_from
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
-_NEEDS = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
+_owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO = records.field_reader("sock.ino").unpack_from
 _MIN_SLOTS = 1024
 # Row flags
@@ -281,8 +281,10 @@ class ConnTable:
         per-record cost, and calls are most of it in Python.
         """
         index, counters, free, slab = self._index, self.counters, self._free, self._slab
+        closed, ended, names = self.closed, self.ended, self._names
         alive_a, flags_a, name_a = self._alive, self._flags, self._name
-        mv = memoryview(blob)
+        room = self.max_live - len(index)
+        quiet = self._walk_since is None  # closes during a walk must be remembered
         last = len(blob) - _SIZE
         for off in offsets:
             if not 0 <= off <= last:
@@ -290,24 +292,50 @@ class ConnTable:
                 continue
             h = _hot(blob, off)
             ts, skaddr, kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
+            slot = index.get(skaddr)
             if role >= _N_ROLES or attrib >= _N_ATTRIBS or result >= _N_RESULTS or kind not in _KINDS:
                 counters["malformed"] += 1  # never from our kernel side; counted, not fatal
-            elif kind == _OPEN and skaddr not in index and len(index) < self.max_live:
+            elif kind == _OPEN and slot is None and room > 0:
                 if not free:
                     self._grow(self.capacity // 4)
                     slab, alive_a, flags_a, name_a = self._slab, self._alive, self._flags, self._name
                 slot = free.pop()
                 index[skaddr] = slot
+                room -= 1
                 o = slot * _SIZE
-                slab[o : o + _SIZE] = mv[off : off + _SIZE]
+                slab[o : o + _SIZE] = blob[off : off + _SIZE]
                 alive_a[slot] = open_ns or ts
                 flags_a[slot] = 0
                 name_a[slot] = 0
                 counters[_OPENED[role]] += 1
-            elif kind == _CLOSE:
-                self._close(blob, off, h)
+            elif kind == _CLOSE and slot is not None and open_ns and quiet and ts >= alive_a[slot]:
+                # _close, for the close of a socket we saw open
+                del index[skaddr]
+                free.append(slot)
+                room += 1
+                o = slot * _SIZE
+                s_tgid, s_fd, s_attrib = _owner(slab, o)
+                flags = flags_a[slot]
+                seen_by = "snapshot" if flags & _BY_SNAPSHOT else "event"
+                if tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0):
+                    row = Row(blob[off : off + _SIZE], ts, alive_a[slot], netns, tgid,
+                              fd if fd >= 0 else s_fd, attrib, seen_by)
+                else:
+                    row = Row(blob[off : off + _SIZE], ts, alive_a[slot], netns, s_tgid,
+                              fd if fd >= 0 else s_fd, s_attrib, seen_by)
+                    nid = name_a[slot]
+                    row.comm = names[nid] if nid else _comm(slab, o)[0]
+                row.named = bool(flags & _NAMED)
+                row.closed_ns = ts
+                closed.append(row)
+                ended[(role, result)] += 1
             else:
-                self._upsert(blob, off, h)
+                if kind == _CLOSE:
+                    self._close(blob, off, h)
+                else:
+                    self._upsert(blob, off, h)
+                room = self.max_live - len(index)
+                slab, alive_a, flags_a, name_a = self._slab, self._alive, self._flags, self._name
 
     def apply(self, raw: bytes) -> None:
         """Apply one record (exactly ``records.EVENT_SIZE`` bytes)."""
@@ -471,7 +499,7 @@ class ConnTable:
         need = []
         for key, slot in items:
             o = slot * _SIZE
-            tgid, fd, attrib = _NEEDS(slab, o)
+            tgid, fd, attrib = _owner(slab, o)
             guess = not flags[slot] & _NAMED and (tgid == 0 or attrib not in TASK_ATTRIBUTIONS)
             if guess or (fds and fd < 0):
                 need.append((key, tgid, _INO(slab, o)[0], alive[slot]))
