@@ -123,6 +123,9 @@ class LoaderConfig:
     ringbuf_bytes: int = 4 << 20
     suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
     stack_latency: bool = True  # False: the per-packet stack programs are not loaded at all
+    # True: try every attach type for the report (``sockwatch probes``), not only
+    # those the plan may pick
+    probe_every_type: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,18 @@ def _pick_function_flavour(feats: feat.KernelFeatures, mode: str) -> str | None:
     if mode != "auto":  # a forced tracepoint flavour: use tracepoints only
         return None
     return next((f for f in feat.FUNCTION_FLAVOURS if feats.allows(f)), None)
+
+
+def probe_groups(cfg: LoaderConfig) -> tuple[tuple[str, ...], ...]:
+    """The attach types plan_attachments may pick for ``cfg``, as groups of
+    alternatives in its order of preference (see features.probe_kernel)."""
+    if cfg.probe_every_type:
+        return feat.EVERY_ATTACH_TYPE
+    mode = cfg.attach_mode
+    tracepoint = (mode,) if mode in feat.TRACEPOINT_FLAVOURS else feat.TRACEPOINT_FLAVOURS
+    function = ((mode,) if mode in feat.FUNCTION_FLAVOURS
+                else feat.FUNCTION_FLAVOURS if mode == "auto" else ())
+    return tuple(g for g in (("iter",), tracepoint, function) if g)
 
 
 def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
@@ -498,7 +513,7 @@ def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover
     receiver of the fds)."""
     lifecycle_path, probe_path, stack_path = paths
     needs_tracefs = cfg.attach_mode == "tracepoint"
-    feats = feat.probe_kernel(probe_path, mount=needs_tracefs)
+    feats = feat.probe_kernel(probe_path, probe_groups(cfg), mount=needs_tracefs)
     plan = plan_attachments(feats, cfg)
 
     try:
