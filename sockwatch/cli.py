@@ -8,6 +8,7 @@ objects, a hook that cannot attach). Never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -473,7 +474,7 @@ def cmd_probes(args: argparse.Namespace) -> int:
     probe_obj = objects / "probe.bpf.o"
     if not probe_obj.exists():
         raise SockwatchError(f"BPF objects missing ({probe_obj}): {loader.BUILD_HINT}")
-    cfg = _loader_config(args)
+    cfg = dataclasses.replace(_loader_config(args), probe_every_type=True)
     error, stack = None, None
     try:
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import platform
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from sockwatch.kernel.libbpf import BpfObject, LibbpfError
 
@@ -30,6 +31,8 @@ PROBE_PROGRAMS = {
 }
 TRACEPOINT_FLAVOURS = ("tp_btf", "raw_tp", "tracepoint")
 FUNCTION_FLAVOURS = ("fentry", "kprobe")
+# Every attach type on its own: what ``sockwatch probes`` reports.
+EVERY_ATTACH_TYPE = tuple((flavour,) for flavour in PROBE_PROGRAMS)
 
 
 @dataclass(frozen=True)
@@ -82,23 +85,36 @@ def _try(probe_obj: str, program: str) -> Probe:
             obj.close()
 
 
+def _probe(probe_obj: str, feats: KernelFeatures, flavour: str) -> Probe:
+    if flavour == "kprobe" and not feats.kprobe_pmu:
+        return Probe(False, "kprobes are not compiled into this kernel")
+    if flavour == "tracepoint" and not feats.tracefs:
+        return Probe(False, f"tracefs is not mounted at {TRACEFS}")
+    if flavour in ("fentry", "tp_btf", "iter") and not feats.btf:
+        return Probe(False, f"no kernel BTF at {VMLINUX_BTF}")
+    return _try(probe_obj, PROBE_PROGRAMS[flavour])
+
+
 def probe_kernel(
-    probe_obj: str, wanted: tuple[str, ...] = tuple(PROBE_PROGRAMS), mount: bool = False
+    probe_obj: str, groups: Sequence[Sequence[str]] = EVERY_ATTACH_TYPE, mount: bool = False
 ) -> KernelFeatures:
-    """Try each attach type in ``wanted`` (classic tracepoints only with tracefs)."""
+    """Try the attach types of each group, best first, until one works (classic
+    tracepoints only with tracefs); the rest of a group is left untried.
+
+    A group holds alternatives the loader would pick in that order, so what is left
+    untried could not have changed its choice. Each try costs a load (a parse of the
+    kernel's BTF for most) and an attach; detaching a classic tracepoint waits for
+    an RCU grace period (~50 ms here), so the daemon tries only what it may use.
+    """
     feats = KernelFeatures(
         release=platform.release(),
         btf=os.path.exists(VMLINUX_BTF),
         tracefs=mount_tracefs() if mount else tracefs_mounted(),
         kprobe_pmu=os.path.isdir(KPROBE_PMU),
     )
-    for flavour in wanted:
-        if flavour == "kprobe" and not feats.kprobe_pmu:
-            feats.probes[flavour] = Probe(False, "kprobes are not compiled into this kernel")
-        elif flavour == "tracepoint" and not feats.tracefs:
-            feats.probes[flavour] = Probe(False, f"tracefs is not mounted at {TRACEFS}")
-        elif flavour in ("fentry", "tp_btf", "iter") and not feats.btf:
-            feats.probes[flavour] = Probe(False, f"no kernel BTF at {VMLINUX_BTF}")
-        else:
-            feats.probes[flavour] = _try(probe_obj, PROBE_PROGRAMS[flavour])
+    for group in groups:
+        for flavour in group:
+            feats.probes[flavour] = _probe(probe_obj, feats, flavour)
+            if feats.probes[flavour].ok:
+                break
     return feats

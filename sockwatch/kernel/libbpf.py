@@ -48,7 +48,7 @@ class _BtfVarSecinfo(_c.Structure):
     _fields_ = [("type", _c.c_uint32), ("offset", _c.c_uint32), ("size", _c.c_uint32)]
 
 
-class _BpfProgInfo(_c.Structure):
+class BpfProgInfo(_c.Structure):
     """struct bpf_prog_info (uapi, append-only) up to the fields sockwatch reads."""
 
     _fields_ = [
@@ -159,11 +159,7 @@ def lib() -> _Lib:
 
 
 def release_freed_heap() -> None:
-    """Hand back to the OS the heap libbpf freed after parsing the kernel's BTF.
-
-    Every load parses vmlinux BTF (megabytes); glibc keeps the freed arenas, which
-    stayed in the daemon's RSS as ~11 MB until this runs once after loading.
-    """
+    """Hand back to the OS the heap freed since the last call (glibc keeps it)."""
     libc = _c.CDLL(ctypes.util.find_library("c"))
     libc.malloc_trim(0)
 
@@ -326,25 +322,9 @@ class BpfObject:
             )
         return Link(ptr, program)
 
-    def _prog_info(self, program: str) -> _BpfProgInfo:
-        """The kernel's bpf_prog_info of a loaded program (zeroes if unavailable)."""
-        info = _BpfProgInfo()
-        size = _c.c_uint32(_c.sizeof(info))
-        fd = lib().so.bpf_program__fd(self._program(program))
-        if fd < 0 or lib().so.bpf_obj_get_info_by_fd(fd, _c.byref(info), _c.byref(size)):
-            return _BpfProgInfo()
-        return info
-
-    def recursion_misses(self, program: str) -> int:
-        """Runs the kernel skipped because the program was already running on that CPU
-        (a softirq nesting into it): events it never saw. Kernels before 5.12: 0."""
-        return self._prog_info(program).recursion_misses
-
-    def run_stats(self, program: str) -> tuple[int, int]:
-        """(run_time_ns, run_cnt) of a program: counted only while the kernel's BPF
-        stats are on (sysctl kernel.bpf_stats_enabled=1), which itself costs time."""
-        info = self._prog_info(program)
-        return info.run_time_ns, info.run_cnt
+    def program_fd(self, program: str) -> int:
+        """The loaded program's fd (owned by the object: dup it to keep it)."""
+        return lib().so.bpf_program__fd(self._program(program))
 
     def map_fd(self, name: str) -> int:
         return lib().so.bpf_map__fd(self._map(name))
@@ -410,11 +390,21 @@ def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
     return out
 
 
-def create_iterator(link: Link) -> int:
-    """A readable fd for one pass of a BPF iterator; it walks the caller's netns."""
-    fd = lib().so.bpf_iter_create(link.fd)
+def program_info(prog_fd: int) -> BpfProgInfo:
+    """The kernel's bpf_prog_info of a loaded program (zeroes if unavailable)."""
+    info = BpfProgInfo()
+    size = _c.c_uint32(_c.sizeof(info))
+    if lib().so.bpf_obj_get_info_by_fd(prog_fd, _c.byref(info), _c.byref(size)):
+        return BpfProgInfo()
+    return info
+
+
+def create_iterator(link_fd: int, program: str) -> int:
+    """A readable fd for one pass of the BPF iterator attached by ``link_fd``; it
+    walks the caller's netns."""
+    fd = lib().so.bpf_iter_create(link_fd)
     if fd < 0:
-        raise LibbpfError(f"cannot start iterator {link.program}: {os.strerror(-fd)}", -fd)
+        raise LibbpfError(f"cannot start iterator {program}: {os.strerror(-fd)}", -fd)
     return fd
 
 

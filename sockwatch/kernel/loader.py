@@ -15,7 +15,9 @@ Choice per hook, best first (``--attach`` forces one flavour):
   part never depends on it.
 
 Everything attached is detached again if any essential step fails, so a
-failed start leaves nothing behind.
+failed start leaves nothing behind. Probing, loading and attaching run in a
+short-lived child that hands the fds over (forked.py): this process keeps fds
+only, never libbpf's transient copy of the kernel's BTF.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ from typing import Iterator
 from sockwatch import records
 from sockwatch.errors import AttachError, BpfObjectError
 from sockwatch.kernel import features as feat
+from sockwatch.kernel.forked import call_in_child
 from sockwatch.kernel.libbpf import (
     BpfObject,
     LibbpfError,
     Link,
     count_keys,
     create_iterator,
+    program_info,
     read_records,
     read_hash,
     read_percpu_u64_array,
     read_percpu_u64_hash,
-    release_freed_heap,
 )
 from sockwatch.kernel.ringbuf import RingPair, RingReader
 from sockwatch.kernel import netns
@@ -121,6 +124,9 @@ class LoaderConfig:
     ringbuf_bytes: int = 4 << 20
     suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
     stack_latency: bool = True  # False: the per-packet stack programs are not loaded at all
+    # True: try every attach type for the report (``sockwatch probes``), not only
+    # those the plan may pick
+    probe_every_type: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,18 @@ def _pick_function_flavour(feats: feat.KernelFeatures, mode: str) -> str | None:
     if mode != "auto":  # a forced tracepoint flavour: use tracepoints only
         return None
     return next((f for f in feat.FUNCTION_FLAVOURS if feats.allows(f)), None)
+
+
+def probe_groups(cfg: LoaderConfig) -> tuple[tuple[str, ...], ...]:
+    """The attach types plan_attachments may pick for ``cfg``, as groups of
+    alternatives in its order of preference (see features.probe_kernel)."""
+    if cfg.probe_every_type:
+        return feat.EVERY_ATTACH_TYPE
+    mode = cfg.attach_mode
+    tracepoint = (mode,) if mode in feat.TRACEPOINT_FLAVOURS else feat.TRACEPOINT_FLAVOURS
+    function = ((mode,) if mode in feat.FUNCTION_FLAVOURS
+                else feat.FUNCTION_FLAVOURS if mode == "auto" else ())
+    return tuple(g for g in (("iter",), tracepoint, function) if g)
 
 
 def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
@@ -257,32 +275,74 @@ def load_object(obj: BpfObject) -> None:
         raise AttachError(f"{head}\n{_verifier_excerpt(exc.log)}") from exc
 
 
-class Probes:
-    """The attached lifecycle (and, optionally, stack) programs and the maps user space reads."""
+@dataclass(frozen=True)
+class Attached:
+    """One attached program, held by fd: the link keeps it attached, the program
+    fd answers bpf_prog_info (run counts, recursion misses)."""
 
-    def __init__(self, obj: BpfObject, links: list[Link], plan: Plan, feats: feat.KernelFeatures,
-                 stack: tuple[BpfObject, list[Link]] | None = None):
-        self._obj: BpfObject | None = obj
-        self._links = links
-        self._stack_obj: BpfObject | None = stack[0] if stack else None
-        self._stack_links = stack[1] if stack else []
-        self.stack_enabled = bool(self._stack_links)
-        if self._stack_obj is not None:
-            self._stack_hists_fd = self._stack_obj.map_fd("stack_hists")
-            self._ifaces_fd = self._stack_obj.map_fd("ifaces")
-        self.plan = plan
-        self.features = feats
-        self._snapshot_link = next(ln for ln in links if ln.program == SNAPSHOT_PROGRAM)
-        self.ring = RingPair(*(RingReader(obj.map_fd(name), obj.map_max_entries(name),
-                                          records.EVENT_SIZE)
+    program: str
+    link_fd: int
+    prog_fd: int
+    stack: bool
+
+
+# The maps user space reads, by object; each object's other maps live as long as
+# its programs do.
+_LIFECYCLE_MAPS = ("events", "events_rescue", "stats", "transitions", "totals", "hists",
+                   "lost", "socks")
+_STACK_MAPS = ("stack_hists", "ifaces")
+
+
+@dataclass(frozen=True)
+class Handover:
+    """All user space keeps of a load, as fds: what the loading child sends over.
+
+    The kernel objects behind the fds stay loaded and attached exactly as long as
+    some process holds the fds, so once handed over they belong to the receiver.
+    """
+
+    plan: Plan
+    features: feat.KernelFeatures
+    maps: dict[str, tuple[int, int]]  # name -> (fd, max_entries)
+    attached: tuple[Attached, ...]
+
+    def fds(self) -> list[int]:
+        """Every fd, links first: closed in this order, programs detach before anything."""
+        return ([a.link_fd for a in self.attached] + [a.prog_fd for a in self.attached]
+                + [fd for fd, _ in self.maps.values()])
+
+    def renumbered(self, fds: dict[int, int]) -> "Handover":
+        """The same handover with every fd replaced by ``fds[fd]`` (the receiver's copy)."""
+        return Handover(
+            self.plan, self.features,
+            {name: (fds[fd], size) for name, (fd, size) in self.maps.items()},
+            tuple(Attached(a.program, fds[a.link_fd], fds[a.prog_fd], a.stack)
+                  for a in self.attached))
+
+
+class Probes:
+    """The attached lifecycle (and, optionally, stack) programs and the maps user
+    space reads, all held by fd (see Handover)."""
+
+    def __init__(self, handover: Handover):
+        self._handover: Handover | None = handover
+        self.plan = handover.plan
+        self.features = handover.features
+        self._attached = handover.attached
+        self.stack_enabled = any(a.stack for a in handover.attached)
+        maps = handover.maps
+        self._snapshot_link = next(a for a in self._attached if a.program == SNAPSHOT_PROGRAM)
+        self.ring = RingPair(*(RingReader(*maps[name], records.EVENT_SIZE)
                                for name in ("events", "events_rescue")))
-        self._stats_fd = obj.map_fd("stats")
-        self._transitions_fd = obj.map_fd("transitions")
-        self._totals_fd = obj.map_fd("totals")
-        self._hists_fd = obj.map_fd("hists")
-        self._lost_fd = obj.map_fd("lost")
-        self._socks_fd = obj.map_fd("socks")
-        self.socks_capacity = obj.map_max_entries("socks")
+        self._stats_fd = maps["stats"][0]
+        self._transitions_fd = maps["transitions"][0]
+        self._totals_fd = maps["totals"][0]
+        self._hists_fd = maps["hists"][0]
+        self._lost_fd = maps["lost"][0]
+        self._socks_fd, self.socks_capacity = maps["socks"]
+        if self.stack_enabled:
+            self._stack_hists_fd = maps["stack_hists"][0]
+            self._ifaces_fd = maps["ifaces"][0]
 
     def snapshot_chunks(self, netns_path: str | None = None,
                         per_chunk: int = 2048) -> Iterator[bytes]:
@@ -291,8 +351,8 @@ class Probes:
         starts now (an OSError here if the namespace is gone); it is read as the
         chunks are consumed, so consume them at once."""
         link = self._snapshot_link
-        fd = (create_iterator(link) if netns_path is None
-              else netns.call_in(netns_path, lambda: create_iterator(link)))
+        fd = (create_iterator(link.link_fd, link.program) if netns_path is None
+              else netns.call_in(netns_path, lambda: create_iterator(link.link_fd, link.program)))
         return read_records(fd, records.EVENT_SIZE, per_chunk)
 
     def stats(self) -> dict[records.Stat, int]:
@@ -309,10 +369,9 @@ class Probes:
         """Runs the kernel skipped because the program was already running on the CPU,
         over every lifecycle program but the state program's twin (its skips are
         events the first copy handled). Less the twin's catches (Stat.NESTED_RUNS),
-        these are the events lost to nesting."""
-        assert self._obj is not None
-        return sum(self._obj.recursion_misses(link.program) for link in self._links
-                   if link.program not in _TWIN_PROGRAMS)
+        these are the events lost to nesting. Kernels before 5.12 count none."""
+        return sum(program_info(a.prog_fd).recursion_misses for a in self._attached
+                   if not a.stack and a.program not in _TWIN_PROGRAMS)
 
     def totals(self) -> dict[records.TotalKey, int]:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
@@ -349,7 +408,7 @@ class Probes:
         """Per-layer latency histograms keyed (direction, layer, netns inode, ifindex),
         each in the kernel layout (HIST_STRIDE slots, sum in ns last), summed over
         CPUs; only those that counted something. Empty when the stack probes are off."""
-        if self._stack_obj is None:
+        if not self.stack_enabled:
             return {}
         out = {}
         raw = read_percpu_u64_hash(self._stack_hists_fd, records.HIST_KEY.size, records.HIST_STRIDE)
@@ -360,16 +419,16 @@ class Probes:
         return out
 
     def stack_program_stats(self) -> dict[str, tuple[int, int]]:
-        """(run_time_ns, run_cnt) of each attached stack program (see BpfObject.run_stats):
-        what the per-packet hooks cost, for the benchmark."""
-        if self._stack_obj is None:
-            return {}
-        return {ln.program: self._stack_obj.run_stats(ln.program) for ln in self._stack_links}
+        """(run_time_ns, run_cnt) of each attached stack program: what the per-packet
+        hooks cost, for the benchmark. Counted only while the kernel's BPF stats are on
+        (sysctl kernel.bpf_stats_enabled=1), which itself costs time."""
+        stats = {a.program: program_info(a.prog_fd) for a in self._attached if a.stack}
+        return {name: (info.run_time_ns, info.run_cnt) for name, info in stats.items()}
 
     def interface_totals(self) -> dict[tuple[int, int], tuple[int, int, int, int, int]]:
         """(netns inode, ifindex) -> (rx_packets, rx_bytes, tx_packets, tx_bytes,
         driver_errors) since the stack probes started. Empty when they are off."""
-        if self._stack_obj is None:
+        if not self.stack_enabled:
             return {}
         raw = read_percpu_u64_hash(self._ifaces_fd, records.IFACE_KEY.size,
                                    records.IFACE.size // 8)
@@ -377,14 +436,11 @@ class Probes:
 
     def close(self) -> None:
         """Detach everything; safe to call twice."""
+        if self._handover is None:
+            return
         self.ring.close()
-        for link in self._stack_links + self._links:
-            link.destroy()
-        self._links, self._stack_links = [], []
-        for obj in (self._stack_obj, self._obj):
-            if obj is not None:
-                obj.close()
-        self._obj = self._stack_obj = None
+        _close_all(self._handover)
+        self._handover = None
 
 
 def _objects(objects_dir: Path) -> tuple[str, str, str]:
@@ -449,11 +505,18 @@ def check_record_layout(obj: BpfObject) -> None:
         )
 
 
-def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
-    """Probe the kernel, load the lifecycle object with the chosen variants, attach."""
-    lifecycle_path, probe_path, stack_path = _objects(objects_dir or default_objects_dir())
+def _attached(obj: BpfObject, links: list[Link], stack: bool) -> list[Attached]:
+    return [Attached(ln.program, ln.fd, obj.program_fd(ln.program), stack) for ln in links]
+
+
+def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover, list[int]]:
+    """Probe the kernel, load the lifecycle object with the chosen variants, attach;
+    in this process. Returns the handover and its fds; on success nothing is closed
+    or detached (the process that ran this is meant to exit and leave them to the
+    receiver of the fds)."""
+    lifecycle_path, probe_path, stack_path = paths
     needs_tracefs = cfg.attach_mode == "tracepoint"
-    feats = feat.probe_kernel(probe_path, mount=needs_tracefs)
+    feats = feat.probe_kernel(probe_path, probe_groups(cfg), mount=needs_tracefs)
     plan = plan_attachments(feats, cfg)
 
     try:
@@ -481,11 +544,39 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
                 except LibbpfError as exc:
                     raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
         stack = _load_stack(stack_path, obj, plan) if cfg.stack_latency else None
-        probes = Probes(obj, links, plan, feats, stack)
-        release_freed_heap()
-        return probes
+        maps = {name: (obj.map_fd(name), obj.map_max_entries(name)) for name in _LIFECYCLE_MAPS}
+        attached = _attached(obj, links, stack=False)
+        if stack is not None:
+            maps.update((name, (stack[0].map_fd(name), stack[0].map_max_entries(name)))
+                        for name in _STACK_MAPS)
+            attached += _attached(*stack, stack=True)
+        handover = Handover(plan, feats, maps, tuple(attached))
+        return handover, handover.fds()
     except BaseException:
         for link in links:
             link.destroy()
         obj.close()
+        raise
+
+
+def _close_all(handover: Handover) -> None:
+    """Close every fd of a handover: that detaches and unloads it all."""
+    for fd in handover.fds():
+        os.close(fd)
+
+
+def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
+    """Probe the kernel, load the lifecycle object with the chosen variants, attach.
+
+    All of it runs in a short-lived child (see forked.py), which hands the fds
+    over: libbpf's parse of the kernel's BTF, the largest allocation of a start,
+    never lands in this process.
+    """
+    paths = _objects(objects_dir or default_objects_dir())
+    handover, fds = call_in_child(lambda: _load_here(cfg, paths))
+    handover = handover.renumbered(fds)
+    try:
+        return Probes(handover)
+    except BaseException:
+        _close_all(handover)
         raise

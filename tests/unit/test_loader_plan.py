@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 
 from sockwatch.errors import AttachError
+from sockwatch.kernel import features
 from sockwatch.kernel.features import KernelFeatures, Probe
-from sockwatch.kernel.loader import LoaderConfig, _verifier_excerpt, _without, plan_attachments
+from sockwatch.kernel.loader import (LoaderConfig, _verifier_excerpt, _without, plan_attachments,
+                                     probe_groups)
 
 EPERM = Probe(False, "Operation not permitted")
 NO_KPROBES = Probe(False, "kprobes are not compiled into this kernel")
@@ -193,6 +195,64 @@ def test_forcing_unprobed_function_mode_raises_attach_error():
     del f.probes["kprobe"]
     with pytest.raises(AttachError, match="kprobe"):
         plan_attachments(f, LoaderConfig(attach_mode="kprobe"))
+
+
+# -- which attach types are tried --------------------------------------------------------
+KERNELS = {
+    "development": {},
+    "no tp_btf": {"tp_btf": EPERM},
+    "tracepoints only": {"tp_btf": EPERM, "raw_tp": EPERM, "tracepoint": OK},
+    "fentry": {"fentry": OK},
+    "kprobes": {"kprobe": OK},
+    "nothing": {"tp_btf": EPERM, "raw_tp": EPERM},
+    "no iter": {"iter": EPERM},
+}
+
+
+def _probe_lazily(monkeypatch, truth: KernelFeatures, cfg: LoaderConfig
+                  ) -> tuple[KernelFeatures, list[str]]:
+    """probe_kernel as the loader calls it, with each try answered from ``truth``."""
+    tried: list[str] = []
+
+    def fake_probe(_obj: str, _feats: KernelFeatures, flavour: str) -> Probe:
+        tried.append(flavour)
+        return truth.probes[flavour]
+
+    monkeypatch.setattr(features, "_probe", fake_probe)
+    return features.probe_kernel("probe.bpf.o", probe_groups(cfg)), tried
+
+
+def _plan_or_error(f: KernelFeatures, cfg: LoaderConfig) -> object:
+    try:
+        return hooks(plan_attachments(f, cfg))
+    except AttachError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mode", ["auto", "tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe"])
+def test_trying_only_what_the_plan_may_use_never_changes_the_plan(monkeypatch, kernel, mode):
+    """The daemon tries attach types lazily (each try is a load and an attach; a
+    classic tracepoint's detach alone takes ~50 ms): whatever the kernel allows, the
+    plan, or the error, is the one every attach type tried would give."""
+    truth = feats(**KERNELS[kernel])
+    cfg = LoaderConfig(attach_mode=mode)
+    lazy, _tried = _probe_lazily(monkeypatch, truth, cfg)
+    assert _plan_or_error(lazy, cfg) == _plan_or_error(truth, cfg)
+
+
+def test_on_the_development_kernel_the_daemon_skips_raw_tp_and_tracepoint(monkeypatch):
+    _lazy, tried = _probe_lazily(monkeypatch, feats(), LoaderConfig())
+    assert tried == ["iter", "tp_btf", "fentry", "kprobe"]
+    _lazy, tried = _probe_lazily(monkeypatch, feats(), LoaderConfig(attach_mode="raw_tp"))
+    assert tried == ["iter", "raw_tp"]  # a forced tracepoint flavour: no function hooks
+
+
+def test_the_probes_report_tries_every_attach_type(monkeypatch):
+    cfg = LoaderConfig(probe_every_type=True)
+    lazy, tried = _probe_lazily(monkeypatch, feats(), cfg)
+    assert sorted(tried) == sorted(features.PROBE_PROGRAMS)
+    assert lazy.probes == feats().probes
 
 
 # -- verifier log excerpt ---------------------------------------------------------------

@@ -70,6 +70,19 @@ def test_vanished_pid_is_skipped(tmp_path):
     assert procfs.socket_owners([55, 56, 4000], proc_root=root) == {999: [(4000, 1)]}
 
 
+_readlink = os.readlink
+
+
+def _named(path: str | int, dir_fd: int | None = None) -> str:
+    """The path a call names, also by an open directory's fd (the walk reads
+    /proc/<pid>/fd through one)."""
+    if isinstance(path, int):
+        return _readlink(f"/proc/self/fd/{path}")
+    if dir_fd is not None:
+        return os.path.join(_readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return str(path)
+
+
 def test_unreadable_fd_dir_is_skipped(tmp_path, monkeypatch):
     """Another user's process (EACCES) or hidepid must not abort the whole walk."""
     root = _proc(tmp_path, LAYOUT)
@@ -77,7 +90,7 @@ def test_unreadable_fd_dir_is_skipped(tmp_path, monkeypatch):
     real_listdir = os.listdir
 
     def listdir(path):
-        if str(path) == denied:
+        if _named(path) == denied:
             raise PermissionError(13, "Permission denied", path)
         return real_listdir(path)
 
@@ -104,10 +117,10 @@ def test_fd_closed_between_listdir_and_readlink(tmp_path, monkeypatch, exc):
     gone = f"{root}/300/fd/3"
     real_readlink = os.readlink
 
-    def readlink(path, *a, **kw):
-        if str(path) == gone:
+    def readlink(path, *a, dir_fd=None, **kw):
+        if _named(path, dir_fd) == gone:
             raise exc(2, "gone", path)
-        return real_readlink(path, *a, **kw)
+        return real_readlink(path, *a, dir_fd=dir_fd, **kw)
 
     monkeypatch.setattr(procfs.os, "readlink", readlink)
     assert procfs.socket_owners([300], proc_root=root) == {777: [(300, 9)]}
