@@ -61,8 +61,8 @@ _TP_PROGRAMS = {
 # Second copies of the state and destroy programs that catch the events the
 # kernel skips while the first copy runs on the same CPU (see nested_event).
 _NESTED_TWINS = {
-    "state": {"tp_btf": ("set_state_btf_nested",), "raw_tp": ("set_state_raw_nested",)},
-    "destroy": {"tp_btf": ("destroy_btf_nested",), "raw_tp": ("destroy_raw_nested",)},
+    "state": {"tp_btf": ("set_state_nested_btf",), "raw_tp": ("set_state_nested_raw",)},
+    "destroy": {"tp_btf": ("destroy_nested_btf",), "raw_tp": ("destroy_nested_raw",)},
 }
 _TWIN_PROGRAMS = frozenset(p for hook in _NESTED_TWINS.values()
                            for twins in hook.values() for p in twins)
