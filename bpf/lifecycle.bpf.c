@@ -158,9 +158,9 @@ static __always_inline void set_owner(const bool btf, struct sw_sock *s, const s
 		s->ino = sock_ino(btf, sk);
 }
 
-/* Start tracking @sk; returns the new entry, or NULL when the map is full. */
-static __always_inline struct sw_sock *track(const bool btf, const struct sock *sk, __u8 role,
-					     __u8 attrib, int state, __u64 now)
+/* Start tracking @sk; false when the map is full. */
+static __always_inline bool track(const bool btf, const struct sock *sk, __u8 role, __u8 attrib,
+				  int state, __u64 now)
 {
 	__u64 key = (__u64)sk;
 	struct sw_sock fresh = {};
@@ -178,9 +178,19 @@ static __always_inline struct sw_sock *track(const bool btf, const struct sock *
 		percpu_inc(&stats, SW_STAT_SOCKS_ADDED);
 	} else if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
 		percpu_inc(&stats, SW_STAT_SOCKS_FULL);
-		return NULL;
+		return false;
 	}
-	return bpf_map_lookup_elem(&socks, &key);
+	return true;
+}
+
+/* The same, for callers that go on with the new entry (NULL when the map is full). */
+static __always_inline struct sw_sock *track_entry(const bool btf, const struct sock *sk,
+						   __u8 role, __u8 attrib, int state, __u64 now)
+{
+	__u64 key = (__u64)sk;
+
+	return track(btf, sk, role, attrib, state, now) ? bpf_map_lookup_elem(&socks, &key)
+							 : NULL;
 }
 
 /*
@@ -393,9 +403,16 @@ static __always_inline void account_close(const struct sw_sock *s, const struct 
 				s->open_ns, now);
 }
 
+/* An accepted socket no task has claimed yet (see claim_accepted). */
+static __always_inline bool unclaimed(const struct sw_sock *s)
+{
+	return s->role == SW_ROLE_SERVER && !(s->flags & SW_FLAG_OPEN_SENT);
+}
+
 /*
- * A task has shown it owns accepted socket @s: attribute it and announce it.
- * @now is when accept() returned (syscall exit, fexit) or, with the default
+ * A task has shown it owns accepted socket @s, still unclaimed(): attribute it
+ * and announce it. Callers check first, and read the clock only then. @now is
+ * when accept() returned (syscall exit, fexit) or, with the default
  * first-use attribution, the end of the first send/recv/close by the owner:
  * accept() returned before that, so the accept-queue wait is an upper bound
  * there (a server that blocks in recv() right after accept() adds the time
@@ -406,8 +423,6 @@ static __always_inline void claim_accepted(const bool btf, struct sw_sock *s,
 {
 	__u64 established = s->state_ns[TCP_ESTABLISHED];
 
-	if (s->role != SW_ROLE_SERVER || (s->flags & SW_FLAG_OPEN_SENT))
-		return;
 	set_owner(btf, s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
 	add_total(s->comm, SW_TOTAL_ACCEPT, 0, RD(sk, __sk_common.skc_num), 1);
@@ -503,7 +518,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 		return 0;
 	case TCP_LISTEN:
 		/* CLOSE->LISTEN runs in listen(), in the listening task. */
-		s = track(btf, sk, SW_ROLE_LISTENER, SW_ATTRIB_LISTEN, newstate, now);
+		s = track_entry(btf, sk, SW_ROLE_LISTENER, SW_ATTRIB_LISTEN, newstate, now);
 		if (!s)
 			return 0;
 		lkey = listen_key_of(btf, sk);
@@ -513,7 +528,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 		return 0;
 	case TCP_SYN_RECV:
 		/* LISTEN->SYN_RECV: the child sock is cloned in softirq; no owner yet. */
-		s = track(btf, sk, SW_ROLE_SERVER, SW_ATTRIB_NONE, newstate, now);
+		s = track_entry(btf, sk, SW_ROLE_SERVER, SW_ATTRIB_NONE, newstate, now);
 		if (s)
 			inherit_listener(btf, s, sk);
 		return 0;
@@ -553,7 +568,8 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 	case TCP_FIN_WAIT1:
 	case TCP_LAST_ACK:
 		/* Only close()/shutdown() make these transitions: process context. */
-		claim_accepted(btf, s, sk, SW_ATTRIB_CLOSE, now);
+		if (unclaimed(s))
+			claim_accepted(btf, s, sk, SW_ATTRIB_CLOSE, now);
 		return 0;
 	case TCP_CLOSE:
 		result = classify_close(btf, sk, oldstate);
@@ -705,7 +721,8 @@ static __always_inline int handle_accept(const bool btf, const struct sock *sk, 
 		return 0;
 	if (fd >= 0)
 		s->fd = fd;
-	claim_accepted(btf, s, sk, SW_ATTRIB_ACCEPT, bpf_ktime_get_ns());
+	if (unclaimed(s))
+		claim_accepted(btf, s, sk, SW_ATTRIB_ACCEPT, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -776,7 +793,7 @@ static __always_inline int handle_io(const bool btf, const struct sock *sk)
 	__u64 key = (__u64)sk;
 	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
 
-	if (s)
+	if (s && unclaimed(s))
 		claim_accepted(btf, s, sk, SW_ATTRIB_FIRST_IO, bpf_ktime_get_ns());
 	return 0;
 }
@@ -805,13 +822,14 @@ int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
  */
 static __always_inline int handle_destroy(const bool btf, const struct sock *sk)
 {
-	__u64 key = (__u64)sk, now = bpf_ktime_get_ns();
+	__u64 key = (__u64)sk, now;
 	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
 	struct counters c;
 	__u8 result;
 
 	if (!s)
-		return 0;
+		return 0;	/* the common case: its close was seen */
+	now = bpf_ktime_get_ns();
 	percpu_inc(&stats, SW_STAT_LATE_CLOSE);
 	result = classify_close(btf, sk, TCP_ESTABLISHED);
 	read_counters(btf, &c, sk);
