@@ -57,6 +57,11 @@ const volatile bool suppress_close = false;
  * holds more than this many bytes: then a burst wakes it before it overflows.
  */
 const volatile __u64 wakeup_bytes = 1 << 20;
+/*
+ * The stack object runs and fills sock_stack. Without it (--no-stack-latency)
+ * the map is empty: records and closes skip its lookups and deletes.
+ */
+const volatile bool stack_samples = true;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -193,6 +198,13 @@ static __always_inline struct sw_sock *track_entry(const bool btf, const struct 
 							 : NULL;
 }
 
+/* A closed socket's stack-latency state goes with it. */
+static __always_inline void forget_stack(__u64 key)
+{
+	if (stack_samples)
+		bpf_map_delete_elem(&sock_stack, &key);
+}
+
 /*
  * Stop tracking a closed socket: its entry (counted only if it was still there,
  * not evicted) and its stack-latency state.
@@ -201,7 +213,7 @@ static __always_inline void untrack(__u64 key)
 {
 	if (!bpf_map_delete_elem(&socks, &key))
 		percpu_inc(&stats, SW_STAT_SOCKS_REMOVED);
-	bpf_map_delete_elem(&sock_stack, &key);
+	forget_stack(key);
 }
 
 /* The kernel's own TCP counters, read once per close (and per snapshot row). */
@@ -312,7 +324,7 @@ static __always_inline void build_event(const bool btf, struct sw_event *e,
 	}
 	if (s && s->role == SW_ROLE_LISTENER)
 		e->listen_backlog = RD(sk, sk_max_ack_backlog);
-	q = bpf_map_lookup_elem(&sock_stack, &key);
+	q = stack_samples ? bpf_map_lookup_elem(&sock_stack, &key) : NULL;
 	if (q) {
 		e->rcvq_wait_p50_ns = rcvq_p50(q);
 		e->rcvq_wait_max_ns = q->rcvq_max_ns;
@@ -548,7 +560,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 				     oldstate, newstate, now);
 			if (oldstate != TCP_SYN_SENT)
 				account_close(NULL, &c, now);
-			bpf_map_delete_elem(&sock_stack, &key);
+			forget_stack(key);
 		}
 		return 0;
 	}

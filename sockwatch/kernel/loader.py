@@ -467,6 +467,7 @@ def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
         obj.set_max_entries("events_rescue", max(cfg.ringbuf_bytes // 16, RESCUE_RING_MIN))
         obj.set_max_entries("sock_stack", cfg.socks_max_entries if cfg.stack_latency else 1)
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
+        obj.set_rodata("stack_samples", b"\x01" if cfg.stack_latency else b"\x00")
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
         load_object(obj)
