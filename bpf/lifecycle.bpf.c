@@ -12,6 +12,8 @@
  * Hooks come in thin variants (tp_btf, raw_tp, classic tracepoint; fentry or
  * kprobe where the kernel has them) around one static handler each. User space
  * turns the losing variants off with bpf_program__set_autoload() after probing.
+ * Handlers take a constant `btf`: true where the sock is a typed pointer
+ * (tp_btf, fentry, the iterator), whose fields are plain loads (read.bpf.h).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -22,6 +24,7 @@
 #include "maps.bpf.h"
 #include "shared.bpf.h"
 #include "core_fixes.bpf.h"
+#include "read.bpf.h"
 
 #define AF_INET		2
 #define AF_INET6	10
@@ -54,6 +57,11 @@ const volatile bool suppress_close = false;
  * holds more than this many bytes: then a burst wakes it before it overflows.
  */
 const volatile __u64 wakeup_bytes = 1 << 20;
+/*
+ * The stack object runs and fills sock_stack. Without it (--no-stack-latency)
+ * the map is empty: records and closes skip its lookups and deletes.
+ */
+const volatile bool stack_samples = true;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -132,18 +140,18 @@ struct {
 	__type(value, struct sw_event);
 } scratch SEC(".maps");
 
-static __always_inline __u64 sock_ino(const struct sock *sk)
+static __always_inline __u64 sock_ino(const bool btf, const struct sock *sk)
 {
-	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
-}
+	const struct socket *sock = RD(sk, sk_socket);
+	const struct file *file = RD(sock, file);
+	const struct inode *inode = RD(file, f_inode);
 
-static __always_inline __u32 sock_netns(const struct sock *sk)
-{
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	return RD(inode, i_ino);
 }
 
 /* Make the current task the owner of @s. */
-static __always_inline void set_owner(struct sw_sock *s, const struct sock *sk, __u8 attrib)
+static __always_inline void set_owner(const bool btf, struct sw_sock *s, const struct sock *sk,
+				      __u8 attrib)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
@@ -152,12 +160,12 @@ static __always_inline void set_owner(struct sw_sock *s, const struct sock *sk, 
 	s->attrib = attrib;
 	bpf_get_current_comm(s->comm, sizeof(s->comm));
 	if (!s->ino)
-		s->ino = sock_ino(sk);
+		s->ino = sock_ino(btf, sk);
 }
 
-/* Start tracking @sk; returns the new entry, or NULL when the map is full. */
-static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, __u8 attrib,
-					     int state, __u64 now)
+/* Start tracking @sk; false when the map is full. */
+static __always_inline bool track(const bool btf, const struct sock *sk, __u8 role, __u8 attrib,
+				  int state, __u64 now)
 {
 	__u64 key = (__u64)sk;
 	struct sw_sock fresh = {};
@@ -165,19 +173,36 @@ static __always_inline struct sw_sock *track(const struct sock *sk, __u8 role, _
 	fresh.open_ns = now;
 	fresh.role = role;
 	fresh.fd = -1;
-	fresh.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	fresh.uid = BPF_CORE_READ(sk, sk_uid.val);
+	fresh.lport = RD(sk, __sk_common.skc_num);
+	fresh.uid = RD(sk, sk_uid.val);
 	if (state > 0 && state < SW_TCP_STATES)
 		fresh.state_ns[state_slot(state)] = now;
 	if (attrib)
-		set_owner(&fresh, sk, attrib);
+		set_owner(btf, &fresh, sk, attrib);
 	if (!bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
 		percpu_inc(&stats, SW_STAT_SOCKS_ADDED);
 	} else if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY)) {
 		percpu_inc(&stats, SW_STAT_SOCKS_FULL);
-		return NULL;
+		return false;
 	}
-	return bpf_map_lookup_elem(&socks, &key);
+	return true;
+}
+
+/* The same, for callers that go on with the new entry (NULL when the map is full). */
+static __always_inline struct sw_sock *track_entry(const bool btf, const struct sock *sk,
+						   __u8 role, __u8 attrib, int state, __u64 now)
+{
+	__u64 key = (__u64)sk;
+
+	return track(btf, sk, role, attrib, state, now) ? bpf_map_lookup_elem(&socks, &key)
+							 : NULL;
+}
+
+/* A closed socket's stack-latency state goes with it. */
+static __always_inline void forget_stack(__u64 key)
+{
+	if (stack_samples)
+		bpf_map_delete_elem(&sock_stack, &key);
 }
 
 /*
@@ -188,7 +213,7 @@ static __always_inline void untrack(__u64 key)
 {
 	if (!bpf_map_delete_elem(&socks, &key))
 		percpu_inc(&stats, SW_STAT_SOCKS_REMOVED);
-	bpf_map_delete_elem(&sock_stack, &key);
+	forget_stack(key);
 }
 
 /* The kernel's own TCP counters, read once per close (and per snapshot row). */
@@ -204,19 +229,23 @@ struct counters {
 	__u8 peer_fin;
 };
 
-static __always_inline void read_counters(struct counters *c, const struct sock *sk)
+static __always_inline void read_counters(const bool btf, struct counters *c,
+					  const struct sock *sk)
 {
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	const struct tcp_sock *tp = tcp_sk_of(btf, sk);
 
-	c->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-	c->bytes_received = BPF_CORE_READ(tp, bytes_received);
-	c->bytes_sent = BPF_CORE_READ(tp, bytes_sent);
-	c->bytes_retrans = BPF_CORE_READ(tp, bytes_retrans);
-	c->segs_out = BPF_CORE_READ(tp, segs_out);
-	c->segs_in = BPF_CORE_READ(tp, segs_in);
-	c->total_retrans = BPF_CORE_READ(tp, total_retrans);
-	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	c->peer_fin = !!(BPF_CORE_READ(sk, __sk_common.skc_flags) &
+	__builtin_memset(c, 0, sizeof(*c));
+	if (!tp)
+		return;
+	c->bytes_acked = RD(tp, bytes_acked);
+	c->bytes_received = RD(tp, bytes_received);
+	c->bytes_sent = RD(tp, bytes_sent);
+	c->bytes_retrans = RD(tp, bytes_retrans);
+	c->segs_out = RD(tp, segs_out);
+	c->segs_in = RD(tp, segs_in);
+	c->total_retrans = RD(tp, total_retrans);
+	c->srtt_us = RD(tp, srtt_us) >> 3;
+	c->peer_fin = !!(RD(sk, __sk_common.skc_flags) &
 			 (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE)));
 }
 
@@ -250,9 +279,9 @@ static __always_inline __u64 rcvq_p50(const struct sw_stack_sock *q)
  * Fill everything but the kind from @s (may be NULL), the sock itself and, when
  * given, its counters (an OPEN has none worth reading yet).
  */
-static __always_inline void build_event(struct sw_event *e, const struct sw_sock *s,
-					const struct sock *sk, const struct counters *c,
-					__u64 now)
+static __always_inline void build_event(const bool btf, struct sw_event *e,
+					const struct sw_sock *s, const struct sock *sk,
+					const struct counters *c, __u64 now)
 {
 	const struct sw_stack_sock *q;
 	__u64 key = (__u64)sk;
@@ -262,23 +291,23 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 		__builtin_memcpy(&e->sock, s, sizeof(*s));
 	} else {
 		e->sock.fd = -1;
-		e->sock.ino = sock_ino(sk);
-		e->sock.uid = BPF_CORE_READ(sk, sk_uid.val);
+		e->sock.ino = sock_ino(btf, sk);
+		e->sock.uid = RD(sk, sk_uid.val);
 	}
 	e->ts_ns = now;
 	e->skaddr = (__u64)sk;
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->family = RD(sk, __sk_common.skc_family);
+	e->sport = RD(sk, __sk_common.skc_num);
+	e->dport = bpf_ntohs(RD(sk, __sk_common.skc_dport));
 	if (e->family == AF_INET) {
-		bpf_core_read(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_core_read(e->daddr, 4, &sk->__sk_common.skc_daddr);
+		*(__be32 *)e->saddr = RD(sk, __sk_common.skc_rcv_saddr);
+		*(__be32 *)e->daddr = RD(sk, __sk_common.skc_daddr);
 	} else {
-		bpf_core_read(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(e->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+		*(struct in6_addr *)e->saddr = RD(sk, __sk_common.skc_v6_rcv_saddr);
+		*(struct in6_addr *)e->daddr = RD(sk, __sk_common.skc_v6_daddr);
 	}
-	e->netns = sock_netns(sk);
-	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	e->netns = sock_netns(btf, sk);
+	e->state = RD(sk, __sk_common.skc_state);
 	/* The local port is released before TCP_CLOSE: use the one we kept. */
 	if (!e->sport && s)
 		e->sport = s->lport;
@@ -294,8 +323,8 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 		e->peer_fin = c->peer_fin;
 	}
 	if (s && s->role == SW_ROLE_LISTENER)
-		e->listen_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
-	q = bpf_map_lookup_elem(&sock_stack, &key);
+		e->listen_backlog = RD(sk, sk_max_ack_backlog);
+	q = stack_samples ? bpf_map_lookup_elem(&sock_stack, &key) : NULL;
 	if (q) {
 		e->rcvq_wait_p50_ns = rcvq_p50(q);
 		e->rcvq_wait_max_ns = q->rcvq_max_ns;
@@ -303,9 +332,10 @@ static __always_inline void build_event(struct sw_event *e, const struct sw_sock
 }
 
 /* A record the ring buffer refused: count it, in total and by where it came from. */
-static __always_inline void count_lost(const struct sw_sock *s, const struct sock *sk, __u8 kind)
+static __always_inline void count_lost(const bool btf, const struct sw_sock *s,
+				       const struct sock *sk, __u8 kind)
 {
-	struct sw_lost_key key = { .netns = sock_netns(sk), .kind = kind };
+	struct sw_lost_key key = { .netns = sock_netns(btf, sk), .kind = kind };
 	__u64 one = 1, *n;
 
 	percpu_inc(&stats, SW_STAT_RINGBUF_FULL);
@@ -320,7 +350,7 @@ static __always_inline void count_lost(const struct sw_sock *s, const struct soc
 }
 
 /* Send one OPEN or CLOSE record; never wakes the reader (it polls on a timer). */
-static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
+static __always_inline void emit(const bool btf, struct sw_sock *s, const struct sock *sk,
 				 const struct counters *c, __u8 kind, __u8 result, int oldstate,
 				 int newstate, __u64 now)
 {
@@ -330,12 +360,12 @@ static __always_inline void emit(struct sw_sock *s, const struct sock *sk,
 	if (!e) {
 		e = bpf_ringbuf_reserve(&events_rescue, sizeof(*e), 0);
 		if (!e) {
-			count_lost(s, sk, kind);
+			count_lost(btf, s, sk, kind);
 			return;
 		}
 		percpu_inc(&stats, SW_STAT_RESCUED);
 	}
-	build_event(e, s, sk, c, now);
+	build_event(btf, e, s, sk, c, now);
 	if (kind == SW_KIND_OPEN && s)
 		s->lport = e->sport;
 	e->kind = kind;
@@ -385,35 +415,40 @@ static __always_inline void account_close(const struct sw_sock *s, const struct 
 				s->open_ns, now);
 }
 
+/* An accepted socket no task has claimed yet (see claim_accepted). */
+static __always_inline bool unclaimed(const struct sw_sock *s)
+{
+	return s->role == SW_ROLE_SERVER && !(s->flags & SW_FLAG_OPEN_SENT);
+}
+
 /*
- * A task has shown it owns accepted socket @s: attribute it and announce it.
- * @now is when accept() returned (syscall exit, fexit) or, with the default
+ * A task has shown it owns accepted socket @s, still unclaimed(): attribute it
+ * and announce it. Callers check first, and read the clock only then. @now is
+ * when accept() returned (syscall exit, fexit) or, with the default
  * first-use attribution, the end of the first send/recv/close by the owner:
  * accept() returned before that, so the accept-queue wait is an upper bound
  * there (a server that blocks in recv() right after accept() adds the time
  * until data arrives).
  */
-static __always_inline void claim_accepted(struct sw_sock *s, const struct sock *sk,
-					   __u8 attrib, __u64 now)
+static __always_inline void claim_accepted(const bool btf, struct sw_sock *s,
+					   const struct sock *sk, __u8 attrib, __u64 now)
 {
 	__u64 established = s->state_ns[TCP_ESTABLISHED];
 
-	if (s->role != SW_ROLE_SERVER || (s->flags & SW_FLAG_OPEN_SENT))
-		return;
-	set_owner(s, sk, attrib);
+	set_owner(btf, s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
-	add_total(s->comm, SW_TOTAL_ACCEPT, 0, BPF_CORE_READ(sk, __sk_common.skc_num), 1);
+	add_total(s->comm, SW_TOTAL_ACCEPT, 0, RD(sk, __sk_common.skc_num), 1);
 	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV], established);
 	if (established && now >= established) {
 		s->accept_wait_ns = now - established;
 		hist_observe(&hists, SW_HIST_ACCEPT_QUEUE, s->accept_wait_ns);
 	}
-	emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
+	emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
 }
 
-static __always_inline __u8 classify_close(const struct sock *sk, int oldstate)
+static __always_inline __u8 classify_close(const bool btf, const struct sock *sk, int oldstate)
 {
-	int err = BPF_CORE_READ(sk, sk_err);
+	int err = RD(sk, sk_err);
 
 	if (oldstate == TCP_SYN_SENT) {
 		switch (err) {
@@ -443,23 +478,22 @@ static __always_inline __u8 classify_close(const struct sock *sk, int oldstate)
 	}
 }
 
-static __always_inline void remember_listener(const struct sock *sk, const struct sw_sock *s)
+/* The listeners key of @sk: a listener's, or the listener an accepted sock came from. */
+static __always_inline struct listen_key listen_key_of(const bool btf, const struct sock *sk)
 {
 	struct listen_key key = {
-		.netns = sock_netns(sk),
-		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+		.netns = sock_netns(btf, sk),
+		.port = RD(sk, __sk_common.skc_num),
 	};
 
-	bpf_map_update_elem(&listeners, &key, s, BPF_ANY);
+	return key;
 }
 
 /* Give an accepted socket its listener's owner until a task claims it. */
-static __always_inline void inherit_listener(struct sw_sock *s, const struct sock *sk)
+static __always_inline void inherit_listener(const bool btf, struct sw_sock *s,
+					     const struct sock *sk)
 {
-	struct listen_key key = {
-		.netns = sock_netns(sk),
-		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
-	};
+	struct listen_key key = listen_key_of(btf, sk);
 	struct sw_sock *l = bpf_map_lookup_elem(&listeners, &key);
 
 	if (!l)
@@ -470,10 +504,12 @@ static __always_inline void inherit_listener(struct sw_sock *s, const struct soc
 	__builtin_memcpy(s->comm, l->comm, sizeof(s->comm));
 }
 
-static __always_inline int handle_set_state(const struct sock *sk, int oldstate, int newstate)
+static __always_inline int handle_set_state(const bool btf, const struct sock *sk, int oldstate,
+					    int newstate)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 key = (__u64)sk;
+	struct listen_key lkey;
 	struct sw_sock *s;
 	struct counters c;
 	__u8 result;
@@ -490,22 +526,23 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		 * starts a new socket: an entry at this address is stale (a close we
 		 * never saw), so it is overwritten, not reused.
 		 */
-		track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, newstate, now);
+		track(btf, sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, newstate, now);
 		return 0;
 	case TCP_LISTEN:
 		/* CLOSE->LISTEN runs in listen(), in the listening task. */
-		s = track(sk, SW_ROLE_LISTENER, SW_ATTRIB_LISTEN, newstate, now);
+		s = track_entry(btf, sk, SW_ROLE_LISTENER, SW_ATTRIB_LISTEN, newstate, now);
 		if (!s)
 			return 0;
-		remember_listener(sk, s);
+		lkey = listen_key_of(btf, sk);
+		bpf_map_update_elem(&listeners, &lkey, s, BPF_ANY);
 		s->flags |= SW_FLAG_OPEN_SENT;
-		emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+		emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		return 0;
 	case TCP_SYN_RECV:
 		/* LISTEN->SYN_RECV: the child sock is cloned in softirq; no owner yet. */
-		s = track(sk, SW_ROLE_SERVER, SW_ATTRIB_NONE, newstate, now);
+		s = track_entry(btf, sk, SW_ROLE_SERVER, SW_ATTRIB_NONE, newstate, now);
 		if (s)
-			inherit_listener(s, sk);
+			inherit_listener(btf, s, sk);
 		return 0;
 	}
 
@@ -514,15 +551,16 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		/* Predates sockwatch or was evicted: still tell user space it is gone. */
 		if (newstate == TCP_CLOSE) {
 			percpu_inc(&stats, SW_STAT_UNTRACKED_CLOSE);
-			read_counters(&c, sk);
+			read_counters(btf, &c, sk);
 			/* Record first, totals second: a reader that sees the totals
 			 * can then find the record in the ring (see the exporter). */
 			if (!suppress_close)
-				emit(NULL, sk, &c, SW_KIND_CLOSE, classify_close(sk, oldstate),
+				emit(btf, NULL, sk, &c, SW_KIND_CLOSE,
+				     classify_close(btf, sk, oldstate),
 				     oldstate, newstate, now);
 			if (oldstate != TCP_SYN_SENT)
 				account_close(NULL, &c, now);
-			bpf_map_delete_elem(&sock_stack, &key);
+			forget_stack(key);
 		}
 		return 0;
 	}
@@ -536,32 +574,30 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			s->flags |= SW_FLAG_OPEN_SENT;
 			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
 			observe_between(SW_HIST_HANDSHAKE_CLIENT, s->state_ns[TCP_SYN_SENT], now);
-			emit(s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+			emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		}
 		return 0;
 	case TCP_FIN_WAIT1:
 	case TCP_LAST_ACK:
 		/* Only close()/shutdown() make these transitions: process context. */
-		claim_accepted(s, sk, SW_ATTRIB_CLOSE, now);
+		if (unclaimed(s))
+			claim_accepted(btf, s, sk, SW_ATTRIB_CLOSE, now);
 		return 0;
 	case TCP_CLOSE:
-		result = classify_close(sk, oldstate);
-		read_counters(&c, sk);
+		result = classify_close(btf, sk, oldstate);
+		read_counters(btf, &c, sk);
 		/* Record first, totals second (as above). */
 		if (suppress_close)
 			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
 		else
-			emit(s, sk, &c, SW_KIND_CLOSE, result, oldstate, newstate, now);
+			emit(btf, s, sk, &c, SW_KIND_CLOSE, result, oldstate, newstate, now);
 		if (oldstate == TCP_SYN_SENT && result != SW_RESULT_OK)
 			add_total(s->comm, SW_TOTAL_CONNECT, result, 0, 1);
 		else if (s->role != SW_ROLE_LISTENER)
 			account_close(s, &c, now);
 		untrack(key);
 		if (s->role == SW_ROLE_LISTENER) {
-			struct listen_key lkey = {
-				.netns = sock_netns(sk),
-				.port = BPF_CORE_READ(sk, __sk_common.skc_num),
-			};
+			lkey = listen_key_of(btf, sk);
 			bpf_map_delete_elem(&listeners, &lkey);
 		}
 		return 0;
@@ -607,67 +643,48 @@ static __always_inline bool nested_event(__u32 hook)
 	return true;
 }
 
-static __always_inline int set_state_first(const struct sock *sk, int oldstate, int newstate)
+static __always_inline int set_state_first(const bool btf, const struct sock *sk, int oldstate,
+					   int newstate)
 {
 	__u32 *depth = nest_depth_of(SW_NEST_STATE);
 
 	if (!depth)
 		return 0;
+	/* Under way for any event, TCP or not: the kernel skips the first copy for both. */
 	(*depth)++;
-	handle_set_state(sk, oldstate, newstate);
+	if (sk_protocol(btf, sk) == IPPROTO_TCP)
+		handle_set_state(btf, sk, oldstate, newstate);
 	(*depth)--;
 	return 0;
 }
 
-static __always_inline int set_state_nested(const struct sock *sk, int oldstate, int newstate)
+static __always_inline int set_state_nested(const bool btf, const struct sock *sk, int oldstate,
+					    int newstate)
 {
-	return nested_event(SW_NEST_STATE) ? handle_set_state(sk, oldstate, newstate) : 0;
+	/* Nesting first: as the first copy, it counts skipped non-TCP events too. */
+	if (!nested_event(SW_NEST_STATE) || sk_protocol(btf, sk) != IPPROTO_TCP)
+		return 0;
+	return handle_set_state(btf, sk, oldstate, newstate);
 }
 
 /*
  * sock:inet_sock_set_state fires for every TCP state change, in connect() and
  * listen() for the opening transitions and in softirq for the handshake. It is
  * the portable hook for connect as well: CLOSE->SYN_SENT runs in the connecting
- * task just before tcp_connect().
+ * task just before tcp_connect(). The first copy and its twin (see above).
  */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(set_state_btf, const struct sock *sk, int oldstate, int newstate)
-{
-	if (sk_protocol(sk) != IPPROTO_TCP)
-		return 0;
-	return set_state_first(sk, oldstate, newstate);
-}
-
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(set_state_btf_nested, const struct sock *sk, int oldstate, int newstate)
-{
-	if (sk_protocol(sk) != IPPROTO_TCP)
-		return 0;
-	return set_state_nested(sk, oldstate, newstate);
-}
-
-SEC("raw_tp/inet_sock_set_state")
-int BPF_PROG(set_state_raw, const struct sock *sk, int oldstate, int newstate)
-{
-	if (sk_protocol(sk) != IPPROTO_TCP)
-		return 0;
-	return set_state_first(sk, oldstate, newstate);
-}
-
-SEC("raw_tp/inet_sock_set_state")
-int BPF_PROG(set_state_raw_nested, const struct sock *sk, int oldstate, int newstate)
-{
-	if (sk_protocol(sk) != IPPROTO_TCP)
-		return 0;
-	return set_state_nested(sk, oldstate, newstate);
-}
+TP_BTF_AND_RAW(set_state, inet_sock_set_state, set_state_first(btf, sk, oldstate, newstate),
+	       const struct sock *sk, int oldstate, int newstate)
+TP_BTF_AND_RAW(set_state_nested, inet_sock_set_state,
+	       set_state_nested(btf, sk, oldstate, newstate),
+	       const struct sock *sk, int oldstate, int newstate)
 
 SEC("tp/sock/inet_sock_set_state")
 int set_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
-	return handle_set_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+	return handle_set_state(false, ctx->skaddr, ctx->oldstate, ctx->newstate);
 }
 
 /*
@@ -675,25 +692,25 @@ int set_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
  * where fentry or kprobes exist. It only makes sure the socket is tracked; the
  * state hook above covers kernels without either.
  */
-static __always_inline int handle_connect(const struct sock *sk)
+static __always_inline int handle_connect(const bool btf, const struct sock *sk)
 {
 	__u64 key = (__u64)sk;
 
 	if (!bpf_map_lookup_elem(&socks, &key))
-		track(sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, TCP_SYN_SENT, bpf_ktime_get_ns());
+		track(btf, sk, SW_ROLE_CLIENT, SW_ATTRIB_CONNECT, TCP_SYN_SENT, bpf_ktime_get_ns());
 	return 0;
 }
 
 SEC("fentry/tcp_connect")
 int BPF_PROG(connect_fentry, struct sock *sk)
 {
-	return handle_connect(sk);
+	return handle_connect(true, sk);
 }
 
 SEC("kprobe/tcp_connect")
 int BPF_KPROBE(connect_kprobe, struct sock *sk)
 {
-	return handle_connect(sk);
+	return handle_connect(false, sk);
 }
 
 /*
@@ -704,7 +721,7 @@ int BPF_KPROBE(connect_kprobe, struct sock *sk)
  * The default claims the socket at its first send or receive, or at close(),
  * all of which run in the owning task (see the sock_*_length hooks below).
  */
-static __always_inline int handle_accept(const struct sock *sk, int fd)
+static __always_inline int handle_accept(const bool btf, const struct sock *sk, int fd)
 {
 	__u64 key = (__u64)sk;
 	struct sw_sock *s;
@@ -716,7 +733,8 @@ static __always_inline int handle_accept(const struct sock *sk, int fd)
 		return 0;
 	if (fd >= 0)
 		s->fd = fd;
-	claim_accepted(s, sk, SW_ATTRIB_ACCEPT, bpf_ktime_get_ns());
+	if (unclaimed(s))
+		claim_accepted(btf, s, sk, SW_ATTRIB_ACCEPT, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -727,13 +745,13 @@ int BPF_PROG(accept_fexit)
 
 	/* The argument list changed in v6.10; bpf_get_func_ret() does not care. */
 	bpf_get_func_ret(ctx, &ret);
-	return handle_accept((const struct sock *)ret, -1);
+	return handle_accept(false, (const struct sock *)ret, -1);
 }
 
 SEC("kretprobe/inet_csk_accept")
 int BPF_KRETPROBE(accept_kretprobe, struct sock *ret)
 {
-	return handle_accept(ret, -1);
+	return handle_accept(false, ret, -1);
 }
 
 /* The sock behind file descriptor @fd of the current task. */
@@ -762,20 +780,11 @@ static __always_inline int handle_sys_exit(long id, long ret)
 {
 	if ((id != NR_ACCEPT && id != NR_ACCEPT4) || ret < 0)
 		return 0;
-	return handle_accept(sock_of_fd(ret), ret);
+	return handle_accept(false, sock_of_fd(ret), ret);
 }
 
-SEC("tp_btf/sys_exit")
-int BPF_PROG(accept_sys_btf, struct pt_regs *regs, long ret)
-{
-	return handle_sys_exit(BPF_CORE_READ(regs, orig_ax), ret);
-}
-
-SEC("raw_tp/sys_exit")
-int BPF_PROG(accept_sys_raw, struct pt_regs *regs, long ret)
-{
-	return handle_sys_exit(BPF_CORE_READ(regs, orig_ax), ret);
-}
+TP_BTF_AND_RAW(accept_sys, sys_exit, handle_sys_exit(RD(regs, orig_ax), ret),
+	       struct pt_regs *regs, long ret)
 
 SEC("tp/raw_syscalls/sys_exit")
 int accept_sys_tp(struct trace_event_raw_sys_exit *ctx)
@@ -791,50 +800,30 @@ int accept_sys_tp(struct trace_event_raw_sys_exit *ctx)
  * non-TCP socket it misses, which costs no more than reading sk_protocol first
  * (the classic tracepoint has the protocol in its context, so it checks).
  */
-static __always_inline int handle_io(const struct sock *sk)
+static __always_inline int handle_io(const bool btf, const struct sock *sk)
 {
 	__u64 key = (__u64)sk;
 	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
 
-	if (s)
-		claim_accepted(s, sk, SW_ATTRIB_FIRST_IO, bpf_ktime_get_ns());
+	if (s && unclaimed(s))
+		claim_accepted(btf, s, sk, SW_ATTRIB_FIRST_IO, bpf_ktime_get_ns());
 	return 0;
 }
 
-SEC("tp_btf/sock_send_length")
-int BPF_PROG(send_btf, struct sock *sk, int ret, int flags)
-{
-	return handle_io(sk);
-}
-
-SEC("raw_tp/sock_send_length")
-int BPF_PROG(send_raw, struct sock *sk, int ret, int flags)
-{
-	return handle_io(sk);
-}
+TP_BTF_AND_RAW(send, sock_send_length, handle_io(btf, sk), struct sock *sk, int ret, int flags)
 
 SEC("tp/sock/sock_send_length")
 int send_tp(struct trace_event_raw_sock_msg_length *ctx)
 {
-	return ctx->protocol == IPPROTO_TCP ? handle_io(ctx->sk) : 0;
+	return ctx->protocol == IPPROTO_TCP ? handle_io(false, ctx->sk) : 0;
 }
 
-SEC("tp_btf/sock_recv_length")
-int BPF_PROG(recv_btf, struct sock *sk, int ret, int flags)
-{
-	return handle_io(sk);
-}
-
-SEC("raw_tp/sock_recv_length")
-int BPF_PROG(recv_raw, struct sock *sk, int ret, int flags)
-{
-	return handle_io(sk);
-}
+TP_BTF_AND_RAW(recv, sock_recv_length, handle_io(btf, sk), struct sock *sk, int ret, int flags)
 
 SEC("tp/sock/sock_recv_length")
 int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
 {
-	return ctx->protocol == IPPROTO_TCP ? handle_io(ctx->sk) : 0;
+	return ctx->protocol == IPPROTO_TCP ? handle_io(false, ctx->sk) : 0;
 }
 
 /*
@@ -843,65 +832,46 @@ int recv_tp(struct trace_event_raw_sock_msg_length *ctx)
  * TCP_CLOSE missed (the program was skipped on nesting, or the kernel took a
  * path without one): announce the close now, late, and count it.
  */
-static __always_inline int handle_destroy(const struct sock *sk)
+static __always_inline int handle_destroy(const bool btf, const struct sock *sk)
 {
-	__u64 key = (__u64)sk, now = bpf_ktime_get_ns();
+	__u64 key = (__u64)sk, now;
 	struct sw_sock *s = bpf_map_lookup_elem(&socks, &key);
 	struct counters c;
 	__u8 result;
 
 	if (!s)
-		return 0;
+		return 0;	/* the common case: its close was seen */
+	now = bpf_ktime_get_ns();
 	percpu_inc(&stats, SW_STAT_LATE_CLOSE);
-	result = classify_close(sk, TCP_ESTABLISHED);
-	read_counters(&c, sk);
-	emit(s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, now);
+	result = classify_close(btf, sk, TCP_ESTABLISHED);
+	read_counters(btf, &c, sk);
+	emit(btf, s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, now);
 	if (s->role != SW_ROLE_LISTENER)
 		account_close(s, &c, now);
 	untrack(key);
 	return 0;
 }
 
-static __always_inline int destroy_first(const struct sock *sk)
+static __always_inline int destroy_first(const bool btf, const struct sock *sk)
 {
 	__u32 *depth = nest_depth_of(SW_NEST_DESTROY);
 
 	if (!depth)
 		return 0;
 	(*depth)++;
-	handle_destroy(sk);
+	handle_destroy(btf, sk);
 	(*depth)--;
 	return 0;
 }
 
-SEC("tp_btf/tcp_destroy_sock")
-int BPF_PROG(destroy_btf, struct sock *sk)
-{
-	return destroy_first(sk);
-}
-
-SEC("tp_btf/tcp_destroy_sock")
-int BPF_PROG(destroy_btf_nested, struct sock *sk)
-{
-	return nested_event(SW_NEST_DESTROY) ? handle_destroy(sk) : 0;
-}
-
-SEC("raw_tp/tcp_destroy_sock")
-int BPF_PROG(destroy_raw, struct sock *sk)
-{
-	return destroy_first(sk);
-}
-
-SEC("raw_tp/tcp_destroy_sock")
-int BPF_PROG(destroy_raw_nested, struct sock *sk)
-{
-	return nested_event(SW_NEST_DESTROY) ? handle_destroy(sk) : 0;
-}
+TP_BTF_AND_RAW(destroy, tcp_destroy_sock, destroy_first(btf, sk), struct sock *sk)
+TP_BTF_AND_RAW(destroy_nested, tcp_destroy_sock,
+	       nested_event(SW_NEST_DESTROY) ? handle_destroy(btf, sk) : 0, struct sock *sk)
 
 SEC("tp/tcp/tcp_destroy_sock")
 int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
 {
-	return handle_destroy(ctx->skaddr);
+	return handle_destroy(false, ctx->skaddr);
 }
 
 /*
@@ -930,13 +900,13 @@ int dump_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 	key = (__u64)tp;
 	s = bpf_map_lookup_elem(&socks, &key);
-	read_counters(&c, (const struct sock *)tp);
-	build_event(e, s, (const struct sock *)tp, &c, bpf_ktime_get_ns());
+	read_counters(true, &c, (const struct sock *)tp);
+	build_event(true, e, s, (const struct sock *)tp, &c, bpf_ktime_get_ns());
 	e->kind = SW_KIND_SNAPSHOT;
 	/* A listener that predates us is still plainly a listener. */
 	if (e->state == TCP_LISTEN) {
 		e->sock.role = SW_ROLE_LISTENER;
-		e->listen_backlog = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_max_ack_backlog);
+		e->listen_backlog = tp->inet_conn.icsk_inet.sk.sk_max_ack_backlog;
 	}
 	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
 	return 0;

@@ -40,35 +40,7 @@
 #include "maps.bpf.h"
 #include "shared.bpf.h"
 #include "core_fixes.bpf.h"
-
-/*
- * Reading kernel memory. tp_btf arguments are typed (BTF) pointers: their
- * fields are read with plain loads the verifier checks, about a nanosecond
- * each. raw_tp and classic tracepoint arguments are bare addresses, read
- * through bpf_probe_read_kernel, a helper call of tens of ns. Each handler
- * takes a constant `btf` and reads with RD(): once inlined, the compiler keeps
- * only the branch of its variant.
- */
-#define RD(p, field)	(btf ? (p)->field : BPF_CORE_READ(p, field))
-#define __maybe_unused	__attribute__((unused))
-
-/*
- * The tp_btf and raw_tp variants of one hook: the same arguments and the same
- * handler call (which passes `btf` on); user space keeps the one that loads.
- */
-#define TP_BTF_AND_RAW(name, tp, call, args...)				\
-SEC("tp_btf/" #tp)							\
-int BPF_PROG(name##_btf, args)						\
-{									\
-	const bool btf __maybe_unused = true;				\
-	return call;							\
-}									\
-SEC("raw_tp/" #tp)							\
-int BPF_PROG(name##_raw, args)						\
-{									\
-	const bool btf __maybe_unused = false;				\
-	return call;							\
-}
+#include "read.bpf.h"
 
 #define AF_INET		2
 #define AF_INET6	10
@@ -213,24 +185,11 @@ static __always_inline __u32 dev_netns(const bool btf, const struct net_device *
 	return RD(net, ns.inum);
 }
 
-static __always_inline __u32 sock_netns(const bool btf, const struct sock *sk)
-{
-	const struct net *net = RD(sk, __sk_common.skc_net.net);
-
-	return RD(net, ns.inum);
-}
-
-/* A TCP sock's tcp_sock; tp_btf needs the checked cast to read past struct sock. */
-static __always_inline const struct tcp_sock *tcp_sk_of(const bool btf, const struct sock *sk)
-{
-	return btf ? bpf_skc_to_tcp_sock((void *)sk) : (const struct tcp_sock *)sk;
-}
-
 static __always_inline bool is_tcp(const bool btf, const struct sock *sk)
 {
 	__u16 family = RD(sk, __sk_common.skc_family);
 
-	return (family == AF_INET || family == AF_INET6) && sk_protocol(sk) == IPPROTO_TCP;
+	return (family == AF_INET || family == AF_INET6) && sk_protocol(btf, sk) == IPPROTO_TCP;
 }
 
 /* (s32)(a - b) >= 0: sequence a is at or after b, modulo 2^32 as TCP compares. */

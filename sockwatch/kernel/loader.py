@@ -65,8 +65,8 @@ _TP_PROGRAMS = {
 # Second copies of the state and destroy programs that catch the events the
 # kernel skips while the first copy runs on the same CPU (see nested_event).
 _NESTED_TWINS = {
-    "state": {"tp_btf": ("set_state_btf_nested",), "raw_tp": ("set_state_raw_nested",)},
-    "destroy": {"tp_btf": ("destroy_btf_nested",), "raw_tp": ("destroy_raw_nested",)},
+    "state": {"tp_btf": ("set_state_nested_btf",), "raw_tp": ("set_state_nested_raw",)},
+    "destroy": {"tp_btf": ("destroy_nested_btf",), "raw_tp": ("destroy_nested_raw",)},
 }
 _TWIN_PROGRAMS = frozenset(p for hook in _NESTED_TWINS.values()
                            for twins in hook.values() for p in twins)
@@ -534,6 +534,7 @@ def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover
         obj.set_max_entries("events_rescue", max(cfg.ringbuf_bytes // 16, RESCUE_RING_MIN))
         obj.set_max_entries("sock_stack", cfg.socks_max_entries if cfg.stack_latency else 1)
         obj.set_rodata("suppress_close", b"\x01" if cfg.suppress_close else b"\x00")
+        obj.set_rodata("stack_samples", b"\x01" if cfg.stack_latency else b"\x00")
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
         load_object(obj)

@@ -41,15 +41,15 @@ def test_fallback_plan_on_development_kernel():
     plan = plan_attachments(feats(), LoaderConfig())
     assert plan.tracepoint_flavour == "tp_btf" and plan.function_flavour is None
     assert hooks(plan) == {
-        "state": ("tp_btf", ("set_state_btf", "set_state_btf_nested")),
-        "destroy": ("tp_btf", ("destroy_btf", "destroy_btf_nested")),
+        "state": ("tp_btf", ("set_state_btf", "set_state_nested_btf")),
+        "destroy": ("tp_btf", ("destroy_btf", "destroy_nested_btf")),
         "connect": ("state", ()),
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
         **STACK_BTF,
     }
     assert [h.hook for h in plan.hooks][:5] == ["state", "destroy", "connect", "accept", "snapshot"]
-    assert plan.programs == {"set_state_btf", "set_state_btf_nested", "destroy_btf", "destroy_btf_nested", "send_btf", "recv_btf", "dump_tcp"} | {
+    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp"} | {
         p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
@@ -109,7 +109,7 @@ def test_precise_accept_uses_syscall_exit():
 def test_only_raw_tp_available_uses_raw_tp_everywhere():
     plan = plan_attachments(feats(tp_btf=Probe(False, "no kernel BTF")), LoaderConfig())
     assert plan.tracepoint_flavour == "raw_tp"
-    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw", "set_state_raw_nested"))
+    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw", "set_state_nested_raw"))
     assert hooks(plan)["accept"] == ("first-use/raw_tp", ("send_raw", "recv_raw"))
     precise = plan_attachments(feats(tp_btf=EPERM), LoaderConfig(precise_accept=True))
     assert hooks(precise)["accept"] == ("syscall/raw_tp", ("accept_sys_raw",))
@@ -125,7 +125,7 @@ def test_forced_tracepoint_flavour_is_used_even_if_a_better_one_exists():
     """--attach raw_tp checks that raw_tp works: it must not quietly pick tp_btf or fentry."""
     plan = plan_attachments(feats(fentry=OK), LoaderConfig(attach_mode="raw_tp"))
     assert plan.function_flavour is None
-    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw", "set_state_raw_nested"))
+    assert hooks(plan)["state"] == ("raw_tp", ("set_state_raw", "set_state_nested_raw"))
     assert hooks(plan)["connect"] == ("state", ())
 
 
@@ -167,8 +167,8 @@ def test_fentry_allowed_uses_function_programs():
     plan = plan_attachments(feats(fentry=OK), LoaderConfig())
     assert plan.function_flavour == "fentry"
     assert hooks(plan) == {
-        "state": ("tp_btf", ("set_state_btf", "set_state_btf_nested")),
-        "destroy": ("tp_btf", ("destroy_btf", "destroy_btf_nested")),
+        "state": ("tp_btf", ("set_state_btf", "set_state_nested_btf")),
+        "destroy": ("tp_btf", ("destroy_btf", "destroy_nested_btf")),
         "connect": ("fentry", ("connect_fentry",)),
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
