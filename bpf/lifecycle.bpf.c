@@ -610,35 +610,72 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
  * under way on that CPU (bpf_prog->active): a softirq that changes a socket's
  * state, or frees one, while the program runs in a task would go unseen. So
  * the two hooks that fire in both contexts (the state change and the destroy)
- * get a second copy of their program on the same tracepoint. It does nothing
- * unless the first copy is under way on this CPU, which means the kernel
- * skipped the first copy for this event; then it handles the event. Records
- * lost to nesting are the first copies' skipped runs minus
+ * get a second copy of their program on the same tracepoint, which the kernel
+ * runs right after the first for each event. The first copy pushes the event
+ * it is given (the sock, and the transition) on a small per-CPU stack as its
+ * first act; the twin pops it if
+ * it is on top, and otherwise (the kernel skipped the first copy: it was under
+ * way for the event an interrupt came in on) handles the event itself. A
+ * depth flag would leave a window at the program's entry and exit, where the
+ * first copy is skipped but the flag is down: the flood test lost a few events
+ * there. Records lost to nesting are the first copies' skipped runs minus
  * SW_STAT_NESTED_RUNS. (Classic tracepoints share one per-CPU guard for all
  * programs: no help.)
  */
 enum { SW_NEST_STATE, SW_NEST_DESTROY, SW_NEST_HOOKS };
+#define SW_NEST_SLOTS 4 /* a power of two; deeper nesting than 1 does not happen */
+
+/* One event of a hook: the sock, and for state changes the transition. */
+struct nest_event {
+	__u64 sk;
+	__u64 transition;
+};
+
+struct nest_stack {
+	__u32 depth;
+	__u32 __pad;
+	struct nest_event events[SW_NEST_SLOTS];
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SW_NEST_HOOKS);
 	__type(key, __u32);
-	__type(value, __u32);
-} nest_depth SEC(".maps");
+	__type(value, struct nest_stack);
+} nest SEC(".maps");
 
-/* The first copy's depth counter for this hook on this CPU. */
-static __always_inline __u32 *nest_depth_of(__u32 hook)
+/* In the first copy, first of all: this event is under way. */
+static __always_inline void nest_push(__u32 hook, const struct sock *sk, __u64 transition)
 {
-	return bpf_map_lookup_elem(&nest_depth, &hook);
+	struct nest_stack *n = bpf_map_lookup_elem(&nest, &hook);
+	struct nest_event *e;
+	__u32 d;
+
+	if (!n)
+		return;
+	/* Full only with entries of runs whose twin the kernel skipped: stale. */
+	d = n->depth < SW_NEST_SLOTS ? n->depth : 0;
+	e = &n->events[d & (SW_NEST_SLOTS - 1)];
+	e->sk = (__u64)sk;
+	e->transition = transition;
+	n->depth = d + 1;
 }
 
 /* In the twin: true when the first copy was skipped for this event. */
-static __always_inline bool nested_event(__u32 hook)
+static __always_inline bool nested_event(__u32 hook, const struct sock *sk, __u64 transition)
 {
-	__u32 *depth = nest_depth_of(hook);
+	struct nest_stack *n = bpf_map_lookup_elem(&nest, &hook);
+	struct nest_event *top;
+	__u32 d;
 
-	if (!depth || !*depth)
-		return false; /* the first copy has run for this event */
+	if (!n)
+		return false;
+	d = n->depth;
+	top = &n->events[(d - 1) & (SW_NEST_SLOTS - 1)];
+	if (d && d <= SW_NEST_SLOTS && top->sk == (__u64)sk && top->transition == transition) {
+		n->depth = d - 1;
+		return false; /* the first copy has had this event */
+	}
 	percpu_inc(&stats, SW_STAT_NESTED_RUNS);
 	return true;
 }
@@ -646,15 +683,10 @@ static __always_inline bool nested_event(__u32 hook)
 static __always_inline int set_state_first(const bool btf, const struct sock *sk, int oldstate,
 					   int newstate)
 {
-	__u32 *depth = nest_depth_of(SW_NEST_STATE);
-
-	if (!depth)
-		return 0;
-	/* Under way for any event, TCP or not: the kernel skips the first copy for both. */
-	(*depth)++;
+	/* Any event, TCP or not: the kernel skips the first copy for both. */
+	nest_push(SW_NEST_STATE, sk, (__u64)oldstate << 32 | (__u32)newstate);
 	if (sk_protocol(btf, sk) == IPPROTO_TCP)
 		handle_set_state(btf, sk, oldstate, newstate);
-	(*depth)--;
 	return 0;
 }
 
@@ -662,7 +694,8 @@ static __always_inline int set_state_nested(const bool btf, const struct sock *s
 					    int newstate)
 {
 	/* Nesting first: as the first copy, it counts skipped non-TCP events too. */
-	if (!nested_event(SW_NEST_STATE) || sk_protocol(btf, sk) != IPPROTO_TCP)
+	if (!nested_event(SW_NEST_STATE, sk, (__u64)oldstate << 32 | (__u32)newstate) ||
+	    sk_protocol(btf, sk) != IPPROTO_TCP)
 		return 0;
 	return handle_set_state(btf, sk, oldstate, newstate);
 }
@@ -854,19 +887,14 @@ static __always_inline int handle_destroy(const bool btf, const struct sock *sk)
 
 static __always_inline int destroy_first(const bool btf, const struct sock *sk)
 {
-	__u32 *depth = nest_depth_of(SW_NEST_DESTROY);
-
-	if (!depth)
-		return 0;
-	(*depth)++;
-	handle_destroy(btf, sk);
-	(*depth)--;
-	return 0;
+	nest_push(SW_NEST_DESTROY, sk, 0);
+	return handle_destroy(btf, sk);
 }
 
 TP_BTF_AND_RAW(destroy, tcp_destroy_sock, destroy_first(btf, sk), struct sock *sk)
 TP_BTF_AND_RAW(destroy_nested, tcp_destroy_sock,
-	       nested_event(SW_NEST_DESTROY) ? handle_destroy(btf, sk) : 0, struct sock *sk)
+	       nested_event(SW_NEST_DESTROY, sk, 0) ? handle_destroy(btf, sk) : 0,
+	       struct sock *sk)
 
 SEC("tp/tcp/tcp_destroy_sock")
 int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
