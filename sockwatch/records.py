@@ -249,8 +249,6 @@ def field_reader(*names: str) -> struct.Struct:
 # The hot fields: what the table needs to apply a record without decoding it.
 HOT = field_reader("ts_ns", "skaddr", "kind", "result", "state", "oldstate", "netns",
                    "sock.open_ns", "sock.tgid", "sock.fd", "sock.role", "sock.attrib")
-# What a filter needs of each live row.
-SELECT = field_reader("state", "sport", "dport")
 # What a scrape needs of each live row.
 LIVE = field_reader("state", "sock.role", "bytes_received", "bytes_sent", "bytes_retrans",
                     "total_retrans", "sport", "peer_fin")
@@ -383,10 +381,6 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
 def decode_comm(raw: bytes) -> str:
     """A task name as the kernel stores it: NUL-padded, not always UTF-8."""
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def ino_of(raw: bytes) -> int:
-    return _INO.unpack_from(raw, _INO_OFFSET)[0]
 
 
 def needs_tuple_from(raw: bytes) -> bool:

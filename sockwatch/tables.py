@@ -119,10 +119,6 @@ class Row:
         return _hot(self.raw)[1]
 
     @property
-    def owner_is_guess(self) -> bool:
-        return not self.named and (self.tgid == 0 or self.attrib not in TASK_ATTRIBUTIONS)
-
-    @property
     def comm_bytes(self) -> bytes | str:
         return self.raw[_COMM] if self.comm is None else self.comm
 
@@ -209,7 +205,7 @@ class ConnTable:
         slot = self._free.pop()
         self._index[key] = slot
         o = slot * _SIZE
-        self._slab[o : o + _SIZE] = memoryview(blob)[off : off + _SIZE]
+        self._slab[o : o + _SIZE] = blob[off : off + _SIZE]
         self._alive[slot] = alive_since
         self._flags[slot] = flags
         self._name[slot] = 0
@@ -281,7 +277,7 @@ class ConnTable:
         per-record cost, and calls are most of it in Python.
         """
         index, counters, free, slab = self._index, self.counters, self._free, self._slab
-        closed, ended, names = self.closed, self.ended, self._names
+        closed, ended = self.closed, self.ended
         alive_a, flags_a, name_a = self._alive, self._flags, self._name
         room = self.max_live - len(index)
         quiet = self._walk_since is None  # closes during a walk must be remembered
@@ -313,19 +309,7 @@ class ConnTable:
                 del index[skaddr]
                 free.append(slot)
                 room += 1
-                o = slot * _SIZE
-                s_tgid, s_fd, s_attrib = _owner(slab, o)
-                flags = flags_a[slot]
-                seen_by = "snapshot" if flags & _BY_SNAPSHOT else "event"
-                if tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0):
-                    row = Row(blob[off : off + _SIZE], ts, alive_a[slot], netns, tgid,
-                              fd if fd >= 0 else s_fd, attrib, seen_by)
-                else:
-                    row = Row(blob[off : off + _SIZE], ts, alive_a[slot], netns, s_tgid,
-                              fd if fd >= 0 else s_fd, s_attrib, seen_by)
-                    nid = name_a[slot]
-                    row.comm = names[nid] if nid else _comm(slab, o)[0]
-                row.named = bool(flags & _NAMED)
+                row = self._closing_row(slot, blob[off : off + _SIZE], ts, netns, tgid, fd, attrib)
                 row.closed_ns = ts
                 closed.append(row)
                 ended[(role, result)] += 1
@@ -373,20 +357,37 @@ class ConnTable:
         slab, o = self._slab, slot * _SIZE
         s_ts, s_tgid, s_fd, s_attrib = _stored(slab, o)
         takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+        c = o + records.COMM_OFFSET
         if ts >= s_ts:
-            comm = slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN]
-            slab[o : o + _SIZE] = memoryview(blob)[off : off + _SIZE]
+            comm = slab[c : c + records.COMM_LEN]
+            slab[o : o + _SIZE] = blob[off : off + _SIZE]
             if not takes:  # keep our owner: pid, attribution and name
                 tgid, attrib = s_tgid, s_attrib
-                slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN] = comm
+                slab[c : c + records.COMM_LEN] = comm
         elif takes:
-            slab[o + records.COMM_OFFSET : o + records.COMM_OFFSET + records.COMM_LEN] = \
-                blob[off + records.COMM_OFFSET : off + records.COMM_OFFSET + records.COMM_LEN]
+            src = off + records.COMM_OFFSET
+            slab[c : c + records.COMM_LEN] = blob[src : src + records.COMM_LEN]
         else:
             tgid, attrib = s_tgid, s_attrib
         if takes:
             self._name[slot] = 0
         self._set_owner(o, tgid, fd if fd >= 0 else s_fd, attrib)
+
+    def _closing_row(self, slot: int, raw: bytes, ts: int, netns: int, tgid: int, fd: int,
+                     attrib: int) -> Row:
+        """The closed row of a live slot, from its CLOSE record: the record's owner if
+        a task made it (or we knew none), else ours with its name; a known fd stays."""
+        slab, o, flags = self._slab, slot * _SIZE, self._flags[slot]
+        s_tgid, s_fd, s_attrib = _owner(slab, o)
+        takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+        row = Row(raw, ts, self._alive[slot], netns, tgid if takes else s_tgid,
+                  fd if fd >= 0 else s_fd, attrib if takes else s_attrib,
+                  "snapshot" if flags & _BY_SNAPSHOT else "event")
+        if not takes:
+            nid = self._name[slot]
+            row.comm = self._names[nid] if nid else _comm(slab, o)[0]
+        row.named = bool(flags & _NAMED)
+        return row
 
     def _close(self, blob: bytes, off: int, h: tuple) -> None:
         ts, skaddr, _kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
@@ -398,15 +399,8 @@ class ConnTable:
                 # An untracked close (the socket predates us) comes after the kernel
                 # released the port and detached the file: keep what the row knew.
                 raw = records.with_tuple_of(raw, self._slab[o : o + _SIZE])
-            row = self._row(slot)
+            row = self._closing_row(slot, raw, ts, netns, tgid, fd, attrib)
             self._drop(skaddr, slot)
-            if tgid and (attrib in TASK_ATTRIBUTIONS or row.tgid == 0):
-                row.tgid, row.attrib, row.comm = tgid, attrib, None
-            elif row.comm is None:
-                row.comm = row.raw[_COMM]
-            if fd >= 0:
-                row.fd = fd
-            row.raw, row.ts_ns = raw, ts
         else:
             # Never seen open: a failed connect, or a socket that lived and died
             # between two reads. The CLOSE record carries everything.

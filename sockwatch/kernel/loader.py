@@ -367,8 +367,8 @@ class Probes:
 
     def skipped_runs(self) -> int:
         """Runs the kernel skipped because the program was already running on the CPU,
-        over every lifecycle program but the state program's twin (its skips are
-        events the first copy handled). Less the twin's catches (Stat.NESTED_RUNS),
+        over every lifecycle program but the nesting twins (their skips are events
+        the first copies handled). Less the twin's catches (Stat.NESTED_RUNS),
         these are the events lost to nesting. Kernels before 5.12 count none."""
         return sum(program_info(a.prog_fd).recursion_misses for a in self._attached
                    if not a.stack and a.program not in _TWIN_PROGRAMS)
