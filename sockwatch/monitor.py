@@ -21,7 +21,6 @@ from sockwatch.kernel import loader, netns
 from sockwatch.kernel.libbpf import release_freed_heap
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
-from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
@@ -269,40 +268,61 @@ class Monitor:
 
     # -- reading ------------------------------------------------------------------
     def resolve_owners(self, fds: bool = True, keys: set[int] | None = None) -> int:
-        """Name, from /proc in one batch, the owners the kernel could only guess
-        and (with ``fds``) every fd not yet known, for all rows or those in ``keys``.
-        Works on the table's rows, so nothing is decoded; each process is looked
-        up once. Returns how many rows were named."""
+        """Name, from the kernel's fd tables in one pass (iter/task_file), the owners
+        the kernel could only guess and (with ``fds``) every fd not yet known, for
+        all rows or those in ``keys``. Rows are matched by sock address, so nothing
+        is decoded; a socket held by several processes goes to the one the kernel
+        attributed it to, else to the lowest pid. Returns how many rows were named."""
         with self.lock:
             need = self.table.owners_to_find(fds, keys)
         now = time.monotonic()
-        # An unknown owner means walking all of /proc; one that was not found
-        # (an orphan, a kernel socket) waits before the next walk for it.
+        # A socket with no inode has no file: no fd can hold it. One held by no
+        # process (an orphan, a kernel socket) waits before the next walk for it.
         unowned = self._unowned
-        need = [n for n in need if n[2] and (n[1] or unowned.get((n[0], n[3]), 0) <= now)]
+        wanted = {key: (tgid, since) for key, tgid, ino, since in need
+                  if ino and unowned.get((key, since), 0) <= now}
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
-        if not need:
+        probes = self.probes
+        if not wanted or probes is None:
             return 0
-        guesses = any(n[1] == 0 for n in need)
-        owners = procfs.socket_owners(None if guesses else {n[1] for n in need},
-                                      self._proc_root)
-        names: dict[int, str] = {}
-        named = 0
-        for key, tgid, ino, since in need:
-            holders = owners.get(ino)
-            if not holders:
-                if not tgid:
+        found: dict[int, tuple[int, int, bytes]] = {}
+        elsewhere: dict[int, tuple[int, int, bytes]] = {}  # not held by the attributed pid
+        get = wanted.get
+        for chunk in probes.owner_chunks():
+            for key, _ino, tgid, fd, comm in records.OWNER.iter_unpack(chunk):
+                want = get(key)
+                if want is None or key in found:
+                    continue
+                if not want[0] or want[0] == tgid:
+                    found[key] = (tgid, fd, comm)
+                elif key not in elsewhere:
+                    elsewhere[key] = (tgid, fd, comm)
+        for key, (_tgid, since) in wanted.items():
+            if key not in found:
+                if key in elsewhere:
+                    found[key] = elsewhere[key]
+                else:
                     unowned[(key, since)] = now + UNOWNED_RETRY_S
-                continue
-            pid, fd = next((h for h in holders if h[0] == tgid), holders[0])
-            if pid not in names:
-                info = self.processes.lookup(pid)
-                names[pid] = info.name if info else ""
-            with self.lock:
-                self.table.name_owner(key, pid, names[pid], fd)
-            named += 1
-        return named
+        names: dict[tuple[int, bytes], str] = {}
+        named = []
+        for key, (tgid, fd, comm) in found.items():
+            name = names.get((tgid, comm))
+            if name is None:
+                name = names[(tgid, comm)] = self._process_name(tgid, comm)
+            named.append((key, tgid, name, fd))
+        with self.lock:
+            self.table.name_owners(named)
+        return len(named)
+
+    def _process_name(self, pid: int, comm: bytes) -> str:
+        """The name /proc/<pid>/stat (and psutil) give: the leader's comm, or for a
+        comm cut at 15 characters, psutil's longer name from the command line."""
+        name = records.decode_comm(comm)
+        if not comm[records.COMM_LEN - 2]:
+            return name
+        info = self.processes.lookup(pid)
+        return info.name if info else name
 
     def connections(self, refresh: bool = True,
                     where: Callable[[int, str, int, int, int], bool] | None = None,
