@@ -52,6 +52,12 @@ _OWNER = struct.Struct("<Ii")  # sock.tgid, sock.fd: adjacent in the record
 _OWNER_OFFSET = records.SwEvent.sock.offset + records.SwSock.tgid.offset
 _ATTRIB_OFFSET = records.SwEvent.sock.offset + records.SwSock.attrib.offset
 _KEY = records.field_reader("skaddr").unpack_from
+# Spans of a record around its owner fields (sock.tgid, sock.fd, sock.comm), for
+# merge_snapshot: [_A, _B) ends before the owner, [_C, _D) runs from sock.role
+# (attribution included) to the name, [_D, _E) is the name, [_E, end) the rest.
+_A, _B = 8, _OWNER_OFFSET
+_C, _D = _OWNER_OFFSET + _OWNER.size, records.COMM_OFFSET
+_E = records.COMM_OFFSET + records.COMM_LEN
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
@@ -423,8 +429,55 @@ class ConnTable:
 
     def merge_snapshot(self, blob: bytes, offsets: Iterable[int]) -> None:
         """Apply iter/tcp rows found at ``offsets`` in ``blob`` (fresh counters, sockets
-        that predate us), and mark their rows seen by this walk. ``offsets`` is
-        read twice: a range or a list."""
+        that predate us), in order, and mark their rows seen by this walk.
+
+        Most rows of most walks are idle sockets whose record has not changed but
+        for its time: for those, _update would rewrite the slot with the same
+        bytes. They are recognised by comparing the record with the slot at C
+        speed (see _unchanged), and only their time moves on; runs of other rows
+        are applied as records.
+        """
+        flags, slab, unchanged, pending = self._flags, self._slab, self._unchanged, []
+        for off in offsets:
+            slot = unchanged(blob, off)
+            if slot is not None and pending:  # the rows before it come first
+                self._apply_walked(blob, pending)
+                pending = []
+                slot = unchanged(blob, off)
+            if slot is None:
+                pending.append(off)
+            else:
+                o = slot * _SIZE
+                slab[o : o + 8] = blob[off : off + 8]  # ts_ns
+                flags[slot] |= _SEEN
+        if pending:
+            self._apply_walked(blob, pending)
+
+    def _unchanged(self, blob: bytes, off: int) -> int | None:
+        """The slot of the walked record at ``off`` if applying it would change
+        nothing but the row's time; None if it must be applied. The slot may hold
+        an owner learned elsewhere, so the owner fields are compared as _update
+        would merge them."""
+        if not 0 <= off <= len(blob) - _SIZE:
+            return None
+        slot = self._index.get(_KEY(blob, off)[0])
+        if slot is None:
+            return None
+        slab, o = self._slab, slot * _SIZE
+        ts, tgid, fd, attrib = _stored(blob, off)
+        s_ts, s_tgid, s_fd, _s_attrib = _stored(slab, o)
+        if (ts >= s_ts and (fd < 0 or fd == s_fd)
+                and slab[o + _A : o + _B] == blob[off + _A : off + _B]
+                and slab[o + _C : o + _D] == blob[off + _C : off + _D]  # attribution too
+                and slab[o + _E : o + _SIZE] == blob[off + _E : off + _SIZE]
+                # the owner stays ours, or it is the same owner, name and all
+                and (not tgid or (attrib not in TASK_ATTRIBUTIONS and s_tgid)
+                     or (tgid == s_tgid and not self._name[slot]
+                         and slab[o + _D : o + _E] == blob[off + _D : off + _E]))):
+            return slot
+        return None
+
+    def _apply_walked(self, blob: bytes, offsets: list[int]) -> None:
         self.apply_batch(blob, offsets)
         index, flags, last = self._index, self._flags, len(blob) - _SIZE
         for off in offsets:
