@@ -279,41 +279,34 @@ class Monitor:
         # A socket with no inode has no file: no fd can hold it. One held by no
         # process (an orphan, a kernel socket) waits before the next walk for it.
         unowned = self._unowned
-        wanted = {key: (tgid, since) for key, tgid, ino, since in need
+        wanted = {key: tgid for key, tgid, ino, since in need
                   if ino and unowned.get((key, since), 0) <= now}
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
         probes = self.probes
         if not wanted or probes is None:
             return 0
-        found: dict[int, tuple[int, int, bytes]] = {}
-        elsewhere: dict[int, tuple[int, int, bytes]] = {}  # not held by the attributed pid
+        # The walk goes by pid, then fd: a row's first holder is its lowest pid.
+        found: list[tuple[int, int, int, bytes]] = []
+        elsewhere: dict[int, tuple[int, int, int, bytes]] = {}  # not the attributed pid
         get = wanted.get
         for chunk in probes.owner_chunks():
             for key, _ino, tgid, fd, comm in records.OWNER.iter_unpack(chunk):
                 want = get(key)
-                if want is None or key in found:
+                if want is None:
                     continue
-                if not want[0] or want[0] == tgid:
-                    found[key] = (tgid, fd, comm)
+                if not want or want == tgid:
+                    del wanted[key]
+                    found.append((key, tgid, fd, comm))
                 elif key not in elsewhere:
-                    elsewhere[key] = (tgid, fd, comm)
-        for key, (_tgid, since) in wanted.items():
-            if key not in found:
-                if key in elsewhere:
-                    found[key] = elsewhere[key]
-                else:
-                    unowned[(key, since)] = now + UNOWNED_RETRY_S
-        names: dict[tuple[int, bytes], str] = {}
-        named = []
-        for key, (tgid, fd, comm) in found.items():
-            name = names.get((tgid, comm))
-            if name is None:
-                name = names[(tgid, comm)] = self._process_name(tgid, comm)
-            named.append((key, tgid, name, fd))
+                    elsewhere[key] = (key, tgid, fd, comm)
+        if wanted:
+            found += (elsewhere[key] for key in wanted if key in elsewhere)
+            unowned.update(((key, since), now + UNOWNED_RETRY_S) for key, _t, _i, since in need
+                           if key in wanted and key not in elsewhere)
         with self.lock:
-            self.table.name_owners(named)
-        return len(named)
+            self.table.name_owners(found, self._process_name)
+        return len(found)
 
     def _process_name(self, pid: int, comm: bytes) -> str:
         """The name /proc/<pid>/stat (and psutil) give: the leader's comm, or for a

@@ -574,13 +574,20 @@ class ConnTable:
     def ended_by_name(self) -> dict[tuple[Role, Result], int]:
         return {(Role(r), Result(x)): n for (r, x), n in self.ended.items()}
 
-    def name_owners(self, owners: Iterable[tuple[int, int, str, int]]) -> None:
-        """Record, for each (key, pid, name, fd), the owner the kernel's fd tables
-        showed for a live row (an fd never changes while it lives)."""
-        index, slab, flags, name_of = self._index, self._slab, self._flags, self._name
-        for key, tgid, comm, fd in owners:
+    def name_owners(self, owners: Iterable[tuple[int, int, int, bytes]],
+                    name_of: Callable[[int, bytes], str]) -> None:
+        """Record, for each (key, pid, fd, comm), the owner the kernel's fd tables
+        showed for a live row (an fd never changes while it lives), named
+        ``name_of(pid, comm)``: asked once per process and name."""
+        index, slab, flags, name_ids = self._index, self._slab, self._flags, self._name
+        ids: dict[tuple[int, bytes], int] = {}
+        pack = _OWNER.pack_into
+        for key, tgid, fd, comm in owners:
             slot = index.get(key)
             if slot is not None:
-                _OWNER.pack_into(slab, slot * _SIZE + _OWNER_OFFSET, tgid, fd)
-                name_of[slot] = self._name_id(comm)
+                nid = ids.get((tgid, comm))
+                if nid is None:
+                    nid = ids[(tgid, comm)] = self._name_id(name_of(tgid, comm))
+                pack(slab, slot * _SIZE + _OWNER_OFFSET, tgid, fd)
+                name_ids[slot] = nid
                 flags[slot] |= _NAMED

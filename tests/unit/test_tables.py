@@ -314,7 +314,7 @@ def test_slab_grows_and_gives_back_memory_after_a_burst():
         tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1, comm=b"burst", fd=i))
     assert len(tbl) == 5000 and tbl.capacity >= 5000 > start
     survivors = keys[::100]
-    tbl.name_owners([(survivors[1], 4242, "named-by-proc", 9)])
+    tbl.name_owners([(survivors[1], 4242, 9, b"")], lambda *_: "named-by-proc")
     before = {k: _live(tbl, k) for k in survivors}
     for i, key in enumerate(keys):
         if key not in before:
@@ -340,7 +340,7 @@ def test_scan_select_and_owner_needs_read_the_slab_as_rows_do():
     tbl = ConnTable()
     tbl.apply(opened(skaddr=A, tgid=10, comm=b"curl", fd=3, sport=40000, dport=8443))
     tbl.apply(opened(skaddr=B, tgid=0, comm=b"", fd=-1, attrib=Attrib.NONE, sport=80))
-    tbl.name_owners([(B, 20, "nginx: worker", 7)])
+    tbl.name_owners([(B, 20, 7, b"nginx")], lambda *_: "nginx: worker")
     tbl.apply(opened(skaddr=C, tgid=30, comm=b"x", fd=-1, attrib=Attrib.NONE, sport=1))
     scanned = list(tbl.scan(records.field_reader("sock.tgid", "sport").unpack_from))
     assert scanned == [((10, 40000), b"curl" + bytes(12)), ((20, 80), "nginx: worker"),
@@ -359,7 +359,7 @@ def test_names_of_gone_processes_are_forgotten():
     tbl = ConnTable()
     for i in range(3000):
         tbl.apply(opened(skaddr=A + i * 8, t=1_000 + i, tgid=0, attrib=Attrib.NONE))
-        tbl.name_owners([(A + i * 8, 100 + i, f"prog-{i}", 3)])
+        tbl.name_owners([(A + i * 8, 100 + i, 3, b"")], lambda pid, _c: f"prog-{pid - 100}")
         if i:
             tbl.apply(closed(skaddr=A + (i - 1) * 8, t=50_000 + i))
     tbl.begin_walk(100_000)
