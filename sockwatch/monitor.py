@@ -144,6 +144,8 @@ class Monitor:
         """Paths into the other network namespaces the table has rows in."""
         wanted: dict[int, set[int]] = {}
         with self.lock:
+            if not self.table.namespaces() - {self.netns, 0}:
+                return {}  # every row is in ours: nothing to scan
             for (ns, tgid), _name in self.table.scan(_NETNS_OWNER):
                 if ns != self.netns:
                     wanted.setdefault(ns, set()).add(tgid)
@@ -273,40 +275,38 @@ class Monitor:
         all rows or those in ``keys``. Rows are matched by sock address, so nothing
         is decoded; a socket held by several processes goes to the one the kernel
         attributed it to, else to the lowest pid. Returns how many rows were named."""
-        with self.lock:
-            need = self.table.owners_to_find(fds, keys)
         now = time.monotonic()
         # A socket with no inode has no file: no fd can hold it. One held by no
         # process (an orphan, a kernel socket) waits before the next walk for it.
         unowned = self._unowned
-        wanted = {key: tgid for key, tgid, ino, since in need
-                  if ino and unowned.get((key, since), 0) <= now}
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
-        probes = self.probes
-        if not wanted or probes is None:
-            return 0
-        # The walk goes by pid, then fd: a row's first holder is its lowest pid.
-        found: list[tuple[int, int, int, bytes]] = []
-        elsewhere: dict[int, tuple[int, int, int, bytes]] = {}  # not the attributed pid
-        get = wanted.get
-        for chunk in probes.owner_chunks():
-            for key, _ino, tgid, fd, comm in records.OWNER.iter_unpack(chunk):
-                want = get(key)
-                if want is None:
-                    continue
-                if not want or want == tgid:
-                    del wanted[key]
-                    found.append((key, tgid, fd, comm))
-                elif key not in elsewhere:
-                    elsewhere[key] = (key, tgid, fd, comm)
-        if wanted:
-            found += (elsewhere[key] for key in wanted if key in elsewhere)
-            unowned.update(((key, since), now + UNOWNED_RETRY_S) for key, _t, _i, since in need
-                           if key in wanted and key not in elsewhere)
         with self.lock:
-            self.table.name_owners(found, self._process_name)
-        return len(found)
+            if not any(ino and unowned.get((key, since), 0) <= now
+                       for key, _tgid, ino, since in self.table.owners_to_find(fds, keys)):
+                return 0
+        probes = self.probes
+        if probes is None:
+            return 0
+        names: dict[tuple[int, bytes], str] = {}
+
+        def name_of(pid: int, comm: bytes) -> str:
+            name = names.get((pid, comm))
+            if name is None:
+                name = names[(pid, comm)] = self._process_name(pid, comm)
+            return name
+
+        elsewhere: dict[int, tuple] = {}  # held, but not by the process it was attributed to
+        named = 0
+        for chunk in probes.owner_chunks():
+            with self.lock:
+                named += self.table.claim_owners(records.OWNER.iter_unpack(chunk), fds, keys,
+                                                 name_of, elsewhere)
+        with self.lock:
+            named += self.table.claim_owners(elsewhere.values(), fds, keys, name_of)
+            unowned.update(((key, since), now + UNOWNED_RETRY_S) for key, _tgid, ino, since
+                           in self.table.owners_to_find(fds, keys) if ino)
+        return named
 
     def _process_name(self, pid: int, comm: bytes) -> str:
         """The name /proc/<pid>/stat (and psutil) give: the leader's comm, or for a

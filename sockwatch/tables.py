@@ -60,6 +60,8 @@ _C, _D = _OWNER_OFFSET + _OWNER.size, records.COMM_OFFSET
 _E = records.COMM_OFFSET + records.COMM_LEN
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
+_NETNS_OFFSET = records.SwEvent.netns.offset
+assert _NETNS_OFFSET % 4 == 0 and _SIZE % 4 == 0  # for namespaces()
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
 _owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO = records.field_reader("sock.ino").unpack_from
@@ -533,6 +535,14 @@ class ConnTable:
             nid = name_of[slot]
             yield unpack(slab, o), names[nid] if nid else _comm(slab, o)[0]
 
+    def namespaces(self) -> set[int]:
+        """The network namespace inodes of the live rows, and maybe of some freed
+        slots (0 for slots never used): read at C speed across the whole slab, so
+        asking whether any row lives outside our namespace costs no row scan."""
+        with memoryview(self._slab) as raw, raw.cast("I") as words, \
+                words[_NETNS_OFFSET // 4 :: _SIZE // 4] as column:
+            return set(column)
+
     def select(self, where: Callable[[int, str, int, int, int], bool]) -> list[int]:
         """Keys of the live rows for which ``where(pid, name, state, sport, dport)``."""
         return [key for key, ((state, tgid, sport, dport), comm)
@@ -541,28 +551,29 @@ class ConnTable:
                          state, sport, dport)]
 
     def owners_to_find(self, fds: bool, keys: set[int] | None = None
-                       ) -> list[tuple[int, int, int, int]]:
+                       ) -> Iterator[tuple[int, int, int, int]]:
         """(key, pid, inode, alive since) of the rows, of all or of those in ``keys``,
-        whose owner is a guess, or (with ``fds``) whose fd is unknown. A named row
-        needs neither, and on a settled table nearly all are: the unnamed slots are
-        found at C speed, so a reconcile of 200k named rows looks at none of them."""
+        whose owner is a guess, or (with ``fds``) whose fd is unknown; consumed
+        under the table's lock. A named row needs neither, and on a settled table
+        nearly all are: unnamed slots are found at C speed, so a reconcile of 200k
+        named rows looks at none of them."""
         slab, flags, alive, index = self._slab, self._flags, self._alive, self._index
         if keys is None:
-            unnamed = flags.translate(_UNNAMED)
-            items = ((_KEY(slab, m.start() * _SIZE)[0], m.start())
-                     for m in _FIND_UNNAMED.finditer(unnamed))
+            slots = (m.start() for m in _FIND_UNNAMED.finditer(flags.translate(_UNNAMED)))
+            items = ((_KEY(slab, slot * _SIZE)[0], slot) for slot in slots)
             items = ((key, slot) for key, slot in items if index.get(key) == slot)
         else:
             items = ((k, index[k]) for k in keys if k in index)
-        need = []
         for key, slot in items:
-            if flags[slot] & _NAMED:
-                continue
-            o = slot * _SIZE
-            tgid, fd, attrib = _owner(slab, o)
-            if tgid == 0 or attrib not in TASK_ATTRIBUTIONS or (fds and fd < 0):
-                need.append((key, tgid, _INO(slab, o)[0], alive[slot]))
-        return need
+            if self._needs_owner(slot, fds):
+                o = slot * _SIZE
+                yield key, _owner(slab, o)[0], _INO(slab, o)[0], alive[slot]
+
+    def _needs_owner(self, slot: int, fds: bool) -> bool:
+        if self._flags[slot] & _NAMED:
+            return False
+        tgid, fd, attrib = _owner(self._slab, slot * _SIZE)
+        return tgid == 0 or attrib not in TASK_ATTRIBUTIONS or (fds and fd < 0)
 
     def snapshot(self) -> list[Connection]:
         """Decoded copies of the live rows: views may keep them while the table moves on."""
@@ -574,20 +585,34 @@ class ConnTable:
     def ended_by_name(self) -> dict[tuple[Role, Result], int]:
         return {(Role(r), Result(x)): n for (r, x), n in self.ended.items()}
 
-    def name_owners(self, owners: Iterable[tuple[int, int, int, bytes]],
-                    name_of: Callable[[int, bytes], str]) -> None:
-        """Record, for each (key, pid, fd, comm), the owner the kernel's fd tables
-        showed for a live row (an fd never changes while it lives), named
-        ``name_of(pid, comm)``: asked once per process and name."""
+    def claim_owners(self, holders: Iterable[tuple[int, int, int, int, bytes]], fds: bool,
+                     keys: set[int] | None, name_of: Callable[[int, bytes], str],
+                     elsewhere: dict[int, tuple] | None = None) -> int:
+        """Give each row that needs it (see owners_to_find) its holder among
+        ``holders``, (key, inode, pid, fd, comm) rows of the kernel's fd tables
+        (records.OWNER) in pid order, and the name ``name_of(pid, comm)``; an fd
+        never changes while the socket lives. A row the kernel attributed to a
+        process is claimed only by that process: other holders are kept in
+        ``elsewhere``, for a last call (without it) to settle once the walk is
+        over. Returns how many rows were named."""
         index, slab, flags, name_ids = self._index, self._slab, self._flags, self._name
-        ids: dict[tuple[int, bytes], int] = {}
-        pack = _OWNER.pack_into
-        for key, tgid, fd, comm in owners:
+        needs, pack, ids, named = self._needs_owner, _OWNER.pack_into, {}, 0
+        for holder in holders:
+            key, _ino, tgid, fd, comm = holder
             slot = index.get(key)
-            if slot is not None:
-                nid = ids.get((tgid, comm))
-                if nid is None:
-                    nid = ids[(tgid, comm)] = self._name_id(name_of(tgid, comm))
-                pack(slab, slot * _SIZE + _OWNER_OFFSET, tgid, fd)
-                name_ids[slot] = nid
-                flags[slot] |= _NAMED
+            if slot is None or not needs(slot, fds) or (keys is not None and key not in keys):
+                continue
+            o = slot * _SIZE
+            if elsewhere is not None:
+                attributed = _OWNER.unpack_from(slab, o + _OWNER_OFFSET)[0]
+                if attributed and attributed != tgid:
+                    elsewhere.setdefault(key, holder)
+                    continue
+            nid = ids.get((tgid, comm))
+            if nid is None:
+                nid = ids[(tgid, comm)] = self._name_id(name_of(tgid, comm))
+            pack(slab, o + _OWNER_OFFSET, tgid, fd)
+            name_ids[slot] = nid
+            flags[slot] |= _NAMED
+            named += 1
+        return named

@@ -161,7 +161,8 @@ def test_walk_rows_skipped_as_unchanged_leave_the_table_as_applying_them_would(s
             slow.apply(blob)
         elif step[0] == "name":
             for tbl in (fast, slow):
-                tbl.name_owners([(step[1], step[2], step[3], b"")], lambda pid, _c: f"p{pid}")
+                tbl.claim_owners([(step[1], 1, step[2], step[3], b"")], True, None,
+                                 lambda pid, _c: f"p{pid}")
         else:
             rows = [rec(dict(row, kind=Kind.SNAPSHOT)) for row in step[1]]
             for tbl in (fast, slow):
