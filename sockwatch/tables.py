@@ -52,12 +52,12 @@ _OWNER = struct.Struct("<Ii")  # sock.tgid, sock.fd: adjacent in the record
 _OWNER_OFFSET = records.SwEvent.sock.offset + records.SwSock.tgid.offset
 _ATTRIB_OFFSET = records.SwEvent.sock.offset + records.SwSock.attrib.offset
 _KEY = records.field_reader("skaddr").unpack_from
-# Spans of a record around its owner fields (sock.tgid, sock.fd, sock.comm), for
-# merge_snapshot: [_A, _B) ends before the owner, [_C, _D) runs from sock.role
-# (attribution included) to the name, [_D, _E) is the name, [_E, end) the rest.
-_A, _B = 8, _OWNER_OFFSET
-_C, _D = _OWNER_OFFSET + _OWNER.size, records.COMM_OFFSET
-_E = records.COMM_OFFSET + records.COMM_LEN
+# The two spans of a record around the owner's pid and fd, for merge_snapshot:
+# [_A, _B) after the sock address, [_C, end) from sock.role on (attribution and
+# name included).
+_A, _B = 16, _OWNER_OFFSET
+_C = _OWNER_OFFSET + _OWNER.size
+_WALKED = records.field_reader("ts_ns", "skaddr", "sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
 _NETNS_OFFSET = records.SwEvent.netns.offset
@@ -458,24 +458,23 @@ class ConnTable:
     def _unchanged(self, blob: bytes, off: int) -> int | None:
         """The slot of the walked record at ``off`` if applying it would change
         nothing but the row's time; None if it must be applied. The slot may hold
-        an owner learned elsewhere, so the owner fields are compared as _update
-        would merge them."""
+        an owner learned elsewhere (pid and fd; its name is kept beside the slab),
+        so those two are compared as _update would merge them; all else must be
+        the same bytes."""
         if not 0 <= off <= len(blob) - _SIZE:
             return None
-        slot = self._index.get(_KEY(blob, off)[0])
+        ts, key, tgid, fd, attrib = _WALKED(blob, off)
+        slot = self._index.get(key)
         if slot is None:
             return None
         slab, o = self._slab, slot * _SIZE
-        ts, tgid, fd, attrib = _stored(blob, off)
         s_ts, s_tgid, s_fd, _s_attrib = _stored(slab, o)
         if (ts >= s_ts and (fd < 0 or fd == s_fd)
                 and slab[o + _A : o + _B] == blob[off + _A : off + _B]
-                and slab[o + _C : o + _D] == blob[off + _C : off + _D]  # attribution too
-                and slab[o + _E : o + _SIZE] == blob[off + _E : off + _SIZE]
-                # the owner stays ours, or it is the same owner, name and all
+                and slab[o + _C : o + _SIZE] == blob[off + _C : off + _SIZE]
+                # the owner stays ours, or it is the same owner, with no other name
                 and (not tgid or (attrib not in TASK_ATTRIBUTIONS and s_tgid)
-                     or (tgid == s_tgid and not self._name[slot]
-                         and slab[o + _D : o + _E] == blob[off + _D : off + _E]))):
+                     or (tgid == s_tgid and not self._name[slot]))):
             return slot
         return None
 
