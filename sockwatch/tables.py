@@ -436,12 +436,16 @@ class ConnTable:
         Most rows of most walks are idle sockets whose record has not changed but
         for its time: for those, _update would rewrite the slot with the same
         bytes. They are recognised by comparing the record with the slot at C
-        speed (see _unchanged), and only their time moves on; runs of other rows
-        are applied as records.
+        speed (see _unchanged), and only their time moves on. The rows of a first
+        walk are new: inserted straight away. Runs of other rows are applied as
+        records.
         """
         flags, slab, unchanged, pending = self._flags, self._slab, self._unchanged, []
+        insert = self._insert_walked
         for off in offsets:
             slot = unchanged(blob, off)
+            if slot is None and not pending and insert(blob, off):
+                continue
             if slot is not None and pending:  # the rows before it come first
                 self._apply_walked(blob, pending)
                 pending = []
@@ -477,6 +481,20 @@ class ConnTable:
                      or (tgid == s_tgid and not self._name[slot]))):
             return slot
         return None
+
+    def _insert_walked(self, blob: bytes, off: int) -> bool:
+        """Insert the walked record at ``off`` as _upsert would, when it is a
+        well-formed snapshot of a socket the table does not hold; False (nothing
+        done) for anything else, which is then applied as a record."""
+        if not 0 <= off <= len(blob) - _SIZE:
+            return False
+        ts, key, kind, result, _st, _old, _ns, open_ns, _tgid, _fd, role, attrib = _hot(blob, off)
+        if (kind != _SNAPSHOT or key in self._index or len(self._index) >= self.max_live
+                or role >= _N_ROLES or attrib >= _N_ATTRIBS or result >= _N_RESULTS
+                or self._closed_during_walk.get(key, -1) >= ts):
+            return False
+        self._insert(key, blob, off, open_ns or ts, _BY_SNAPSHOT | _SEEN)
+        return True
 
     def _apply_walked(self, blob: bytes, offsets: list[int]) -> None:
         self.apply_batch(blob, offsets)
