@@ -79,7 +79,7 @@ class Monitor:
         self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
-        # (row key, alive since) -> when /proc may be walked again for its owner
+        # (row key, alive since) -> when the fd tables may be walked again for its owner
         self._unowned: dict[tuple[int, int], float] = {}
         self._objects_dir = objects_dir
         self.probes: loader.Probes | None = None
@@ -323,7 +323,7 @@ class Monitor:
         """Live connections with current counters and resolved owners.
 
         ``where(pid, comm, state, sport, dport)`` selects rows before anything is
-        decoded or looked up in /proc, so a narrow query stays cheap on a big table.
+        decoded or its owner looked up, so a narrow query stays cheap on a big table.
         """
         return [c for batch in self.connection_batches(refresh, where) for c in batch]
 

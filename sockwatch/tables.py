@@ -100,7 +100,7 @@ class Connection:
 
     @property
     def owner_is_guess(self) -> bool:
-        """No task touched it while we watched: /proc must say who holds it."""
+        """No task touched it while we watched: the fd tables must say who holds it."""
         return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
 
 
@@ -117,10 +117,10 @@ class Row:
         self.alive_since_ns = alive_since_ns
         self.netns = netns
         self.tgid = tgid
-        self.comm: bytes | str | None = None  # None: the raw record's; str once /proc named it
+        self.comm: bytes | str | None = None  # None: the raw record's; str once resolved
         self.fd = fd
         self.attrib = attrib  # of the record the owner came from
-        self.named = False  # the owner was read from /proc: no longer a guess
+        self.named = False  # the owner was read from the fd tables: not a guess
         self.seen_by = seen_by
         self.closed_ns = 0
         self.reconciled = False
@@ -180,7 +180,7 @@ class ConnTable:
         self._slab = bytearray()
         self._alive = array.array("Q")  # alive_since_ns
         self._flags = bytearray()  # _NAMED | _BY_SNAPSHOT | _SEEN
-        self._name = array.array("I")  # index into _names of the /proc name; 0: none
+        self._name = array.array("I")  # index into _names of the resolved name; 0: none
         self._free: list[int] = []  # free slots, lowest last
         self._names: list[str] = [""]
         self._name_ids: dict[str, int] = {}
@@ -268,7 +268,7 @@ class ConnTable:
         return nid
 
     def _prune_names(self) -> None:
-        """Forget /proc names no live row uses any more (names of exited processes)."""
+        """Forget resolved names no live row uses any more (names of exited processes)."""
         if len(self._names) <= 1024 + len(self._index):
             return
         used = {self._name[slot] for slot in self._index.values()} - {0}
@@ -363,7 +363,7 @@ class ConnTable:
     def _update(self, slot: int, blob: bytes, off: int, ts: int, tgid: int, fd: int,
                 attrib: int) -> None:
         """A newer record brings counters and state; its owner replaces ours only if
-        a task made it (a guess never replaces what a task or /proc told us), and
+        a task made it (a guess never replaces what a task or the fd tables told us), and
         a known fd never goes back to unknown."""
         slab, o = self._slab, slot * _SIZE
         s_ts, s_tgid, s_fd, s_attrib = _stored(slab, o)
@@ -545,7 +545,7 @@ class ConnTable:
         """(``unpack(slab, offset)``, owner's name) of every live row, straight from
         the slab: the fields a scrape needs, without a copy per row. The owner's
         pid, fd and attribution are in the record; the name is raw comm bytes, or
-        the name /proc gave. Hold the lock the table is guarded by meanwhile."""
+        the resolved name. Hold the lock the table is guarded by meanwhile."""
         slab, names, name_of = self._slab, self._names, self._name
         for slot in self._index.values():
             o = slot * _SIZE
