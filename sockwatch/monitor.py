@@ -26,7 +26,11 @@ from sockwatch.tables import Connection, ConnTable
 
 _NETNS_OWNER = records.field_reader("netns", "sock.tgid").unpack_from
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
-UNOWNED_RETRY_S = 5.0  # before looking again for a socket no process held
+# Before looking again for a socket no process held: doubled at each miss, so an
+# orphan that lives on (a listener held by no fd) costs a walk now and then, not
+# one every reconcile.
+UNOWNED_RETRY_S = 5.0
+UNOWNED_RETRY_MAX_S = 300.0
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
 
 
@@ -80,8 +84,9 @@ class Monitor:
         self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
-        # (row key, alive since) -> when the fd tables may be walked again for its owner
-        self._unowned: dict[tuple[int, int], float] = {}
+        # (row key, alive since) -> (when the fd tables may be walked again for its
+        # owner, the wait that ended then)
+        self._unowned: dict[tuple[int, int], tuple[float, float]] = {}
         self._objects_dir = objects_dir
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
@@ -278,16 +283,16 @@ class Monitor:
         attributed it to, else to the lowest pid. Returns how many rows were named."""
         now = time.monotonic()
         # A socket with no inode has no file: no fd can hold it. One held by no
-        # process (an orphan, a kernel socket) waits before the next walk for it.
+        # process (an orphan, a kernel socket) waits before the next walk for it,
+        # twice as long at each miss.
         unowned = self._unowned
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
         with self.lock:
-            if not any(ino and unowned.get((key, since), 0) <= now
-                       for key, _tgid, ino, since in self.table.owners_to_find(fds, keys)):
-                return 0
+            wanted = {key for key, _tgid, ino, since in self.table.owners_to_find(fds, keys)
+                      if ino and unowned.get((key, since), (0.0, 0.0))[0] <= now}
         probes = self.probes
-        if probes is None:
+        if not wanted or probes is None:
             return 0
         names: dict[tuple[int, bytes], str] = {}
 
@@ -301,12 +306,15 @@ class Monitor:
         named = 0
         for chunk in probes.owner_chunks():
             with self.lock:
-                named += self.table.claim_owners(records.OWNER.iter_unpack(chunk), fds, keys,
+                named += self.table.claim_owners(records.OWNER.iter_unpack(chunk), fds, wanted,
                                                  name_of, elsewhere)
         with self.lock:
-            named += self.table.claim_owners(elsewhere.values(), fds, keys, name_of)
-            unowned.update(((key, since), now + UNOWNED_RETRY_S) for key, _tgid, ino, since
-                           in self.table.owners_to_find(fds, keys) if ino)
+            named += self.table.claim_owners(elsewhere.values(), fds, wanted, name_of)
+            missed = [n for n in self.table.owners_to_find(fds, keys) if n[0] in wanted]
+        for key, _tgid, _ino, since in missed:
+            wait = min(2 * unowned.get((key, since), (0.0, UNOWNED_RETRY_S / 2))[1],
+                       UNOWNED_RETRY_MAX_S)
+            unowned[(key, since)] = (now + wait, wait)
         return named
 
     def _process_name(self, pid: int, comm: bytes) -> str:

@@ -620,8 +620,10 @@ class ConnTable:
         needs, pack, ids, named = self._needs_owner, _OWNER.pack_into, {}, 0
         for holder in holders:
             key, _ino, tgid, fd, comm = holder
+            if keys is not None and key not in keys:
+                continue
             slot = index.get(key)
-            if slot is None or not needs(slot, fds) or (keys is not None and key not in keys):
+            if slot is None or not needs(slot, fds):
                 continue
             o = slot * _SIZE
             if elsewhere is not None:

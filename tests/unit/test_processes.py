@@ -89,7 +89,8 @@ def _monitor(tmp_path, monkeypatch, holders):
 
 def test_unowned_socket_waits_before_the_next_walk(tmp_path, monkeypatch):
     """A socket no process holds (an orphan) costs one walk of every fd table, not
-    one per view refresh; a socket with no inode has no file and costs none."""
+    one per view refresh, and waits twice as long after each miss; a socket with no
+    inode has no file and costs none."""
     from recfactory import raw
     from sockwatch.monitor import UNOWNED_RETRY_S
 
@@ -106,6 +107,16 @@ def test_unowned_socket_waits_before_the_next_walk(tmp_path, monkeypatch):
     clock[0] += UNOWNED_RETRY_S
     assert mon.resolve_owners() == 0
     assert mon.probes.walks == 3  # looked for again after the wait
+    clock[0] += UNOWNED_RETRY_S
+    assert mon.resolve_owners() == 0
+    assert mon.probes.walks == 3  # missed twice: it waits twice as long
+    clock[0] += UNOWNED_RETRY_S
+    assert mon.resolve_owners() == 0
+    assert mon.probes.walks == 4
+    mon.probes.holders[1] = [(77, 9, b"late")]
+    clock[0] += 4 * UNOWNED_RETRY_S
+    assert mon.resolve_owners() == 1  # held at last: named at the next look
+    assert (mon.table.live[1].tgid, mon.table.live[1].fd) == (77, 9)
 
 
 def test_shared_socket_goes_to_the_attributed_process_else_the_lowest_pid(tmp_path, monkeypatch):
