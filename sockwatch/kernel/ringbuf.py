@@ -20,6 +20,8 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from itertools import chain, repeat
+from operator import add, itemgetter
 from typing import Sequence
 
 BUSY = 1 << 31
@@ -107,6 +109,11 @@ class RingReader:
     def fd(self) -> int:
         return self._fd
 
+    @property
+    def stride(self) -> int:
+        """Bytes from one record of our size to the next: header, record, padding."""
+        return self._stride
+
     def close(self) -> None:
         self._consumer.close()
         self._producer.close()
@@ -134,13 +141,16 @@ class RingPair:
         more, more_offsets, more_bad = self.rescue.drain()
         if not more:
             return blob, offsets, bad
-        # Rare (a few per ten thousand records under load): put the rescued records
-        # back in time order, or a rescued OPEN would land after its own CLOSE.
-        blob, shift = blob + more, len(blob)
-        ts_at = _U64.unpack_from
-        merged = sorted([*offsets, *(o + shift for o in more_offsets)],
-                        key=lambda off: ts_at(blob, off)[0])
-        return blob, merged, bad + more_bad
+        # A few per ten thousand records under load: put the rescued records back
+        # in time order, or a rescued OPEN would land after its own CLOSE, and lay
+        # them out evenly again (as the table's batch pre-pass wants), at C speed.
+        joined, shift, stride = blob + more, len(blob), self.main.stride
+        places = list(chain(offsets, map(shift.__add__, more_offsets)))
+        stamps = list(map(itemgetter(0), map(_U64.unpack_from, repeat(joined), places)))
+        starts = [places[i] - HEADER for i in sorted(range(len(places)), key=stamps.__getitem__)]
+        blob = b"".join(map(joined.__getitem__,
+                            map(slice, starts, map(add, starts, repeat(stride)))))
+        return blob, range(HEADER, len(blob), stride), bad + more_bad
 
     def close(self) -> None:
         self.main.close()
