@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from sockwatch import latency, records
+from sockwatch.heap import release_freed_heap, use_one_arena
 from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
-from sockwatch.kernel.libbpf import release_freed_heap
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
 from sockwatch.seed import procfs
@@ -69,6 +69,7 @@ class Monitor:
         proc_root: str = "/proc",
         objects_dir: Path | None = None,
     ):
+        use_one_arena()  # before the engine's threads start (see sockwatch.heap)
         self.cfg = cfg or loader.LoaderConfig()
         self.table = ConnTable(closed_capacity, max_live)
         # Held while records are applied and while readers copy or aggregate, so

@@ -158,12 +158,6 @@ def lib() -> _Lib:
     return _lib
 
 
-def release_freed_heap() -> None:
-    """Hand back to the OS the heap freed since the last call (glibc keeps it)."""
-    libc = _c.CDLL(ctypes.util.find_library("c"))
-    libc.malloc_trim(0)
-
-
 def num_possible_cpus() -> int:
     return lib().so.libbpf_num_possible_cpus()
 
