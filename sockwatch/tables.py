@@ -209,9 +209,15 @@ class ClosedRing:
         self._len = 0
 
     def append(self, row: Row) -> None:
-        self._parts.append(row)
-        self._len += 1
-        self._trim()
+        parts = self._parts
+        parts.append(row)
+        if self._len < self.maxlen:
+            self._len += 1
+        elif type(parts[0]) is Row:  # full: the oldest row goes (this one, if maxlen is 0)
+            parts.popleft()
+        else:
+            self._len += 1
+            self._trim()
 
     def add_pairs(self, blob: bytes, offsets: range, closes: list[int] | range,
                   opens: list[int] | range) -> None:
