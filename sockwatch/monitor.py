@@ -252,7 +252,10 @@ class Monitor:
         try:
             while not stop.is_set():
                 reader.wait(period())  # the timer, or a wake-up when the ring fills
-                self.flush(on_events, on_batch)
+                # One drain per tick, not sync()'s chase: under load records keep
+                # coming, so it would drain up to SYNC_ATTEMPTS tiny batches each tick.
+                self._keep(self.poll_raw())
+                self._deliver(on_events, on_batch)
         finally:
             stop.set()
             walker.join()
@@ -266,6 +269,13 @@ class Monitor:
     ) -> None:
         """Drain now and hand every batch drained since the last flush to the consumers."""
         self.sync()
+        self._deliver(on_events, on_batch)
+
+    def _deliver(
+        self,
+        on_events: Callable[[list[records.ConnEvent]], None] | None,
+        on_batch: Callable[[bytes, Sequence[int]], None] | None,
+    ) -> None:
         with self.lock:
             batches, self._pending = self._pending, []
         for blob, offsets in batches:

@@ -28,8 +28,11 @@ import array
 import collections
 import re
 import struct
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain, compress, repeat
+from operator import ge, itemgetter
 from typing import Callable, Iterable, Iterator
 
 from sockwatch import records
@@ -74,6 +77,22 @@ _CLEAR_SEEN = bytes(i & ~_SEEN for i in range(256))
 _UNNAMED = bytes(0 if i & _NAMED else 1 for i in range(256))
 _FIND_UNNAMED = re.compile(b"\x01")
 _OPENED = tuple(f"opened_{r.name.lower()}" for r in Role)  # indexed by role, no enum per record
+# Where the batch pre-pass (ConnTable._pairs) reads its columns in each record.
+_TS_AT = records.SwEvent.ts_ns.offset
+_KEY_AT = records.SwEvent.skaddr.offset
+_KIND_AT = records.SwEvent.kind.offset
+_RESULT_AT = records.SwEvent.result.offset
+_OPEN_NS_AT = records.SwEvent.sock.offset + records.SwSock.open_ns.offset
+_ROLE_AT = records.SwEvent.sock.offset + records.SwSock.role.offset
+_PAIRED_MIN = 64  # records in a batch below which the pre-pass costs more than it saves
+_ALIVE = records.field_reader("ts_ns", "sock.open_ns").unpack_from
+# A record's kind << 2 | the kind of the previous record at its address (0: none),
+# as bytes.translate tables that keep 1 where the code is one of these:
+_PAIR_CLOSE = bytes(int(i == 9) for i in range(256))  # CLOSE after its OPEN
+_LONE_CLOSE = bytes(int(i in (8, 10)) for i in range(256))  # CLOSE first or after a CLOSE
+_REOPEN = 5  # OPEN after an OPEN: the first one's close was missed
+_IS_OPEN = bytes(int(i == _OPEN) for i in range(256))
+_CLOSE_BIT = 32  # in the per-record counting code: (kind - 1) << 5 | role << 3 | result
 
 
 @dataclass(slots=True)
@@ -144,6 +163,104 @@ class Row:
                           self.closed_ns, self.reconciled)
 
 
+def _closed_row(stored: bytes | bytearray, so: int, alive: int, flags: int, name: str | None,
+                raw: bytes, ts: int, netns: int, tgid: int, fd: int, attrib: int) -> Row:
+    """The closed row of a socket from its CLOSE record and the record we stored for
+    it (at ``so`` in ``stored``; its /proc ``name``, if any): the record's owner if
+    a task made it (or we knew none), else ours with its name; a known fd stays."""
+    s_tgid, s_fd, s_attrib = _owner(stored, so)
+    takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+    row = Row(raw, ts, alive, netns, tgid if takes else s_tgid, fd if fd >= 0 else s_fd,
+              attrib if takes else s_attrib, "snapshot" if flags & _BY_SNAPSHOT else "event")
+    if not takes:
+        row.comm = name if name is not None else _comm(stored, so)[0]
+    row.named = bool(flags & _NAMED)
+    row.closed_ns = ts
+    return row
+
+
+class _Pairs:
+    """Closed rows of connections that opened and closed within one batch, kept as
+    positions of their OPEN and CLOSE records in the batch (from ``start`` on)."""
+
+    __slots__ = ("blob", "offsets", "closes", "opens", "start")
+
+    def __init__(self, blob: bytes, offsets: range, closes: list[int] | range,
+                 opens: list[int] | range):
+        self.blob, self.offsets, self.closes, self.opens = blob, offsets, closes, opens
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.closes) - self.start
+
+    def rows(self) -> Iterator[Row]:
+        """The rows, as the slab path would have built them (the OPEN in the slot)."""
+        blob, offsets, start = self.blob, self.offsets, self.start
+        for c, o in zip(self.closes[start:], self.opens[start:]):
+            c_off, o_off = offsets[c], offsets[o]
+            raw = blob[c_off : c_off + _SIZE]
+            ts, _key, _k, _r, _s, _o, netns, _open, tgid, fd, _role, attrib = _hot(raw)
+            o_ts, open_ns = _ALIVE(blob, o_off)
+            yield _closed_row(blob, o_off, open_ns or o_ts, 0, None, raw, ts, netns, tgid, fd,
+                              attrib)
+
+
+class ClosedRing:
+    """The most recently closed rows, oldest first, at most ``maxlen`` of them.
+
+    Under churn nearly every CLOSE lands here and is pushed out unread within a
+    second, so rows of connections that came and went within one batch are kept
+    as that batch's records and built only when read (``add_pairs``); other
+    rows are appended built.
+    """
+
+    def __init__(self, maxlen: int):
+        self.maxlen = maxlen
+        self._parts: collections.deque[Row | _Pairs] = collections.deque()
+        self._len = 0
+
+    def append(self, row: Row) -> None:
+        parts = self._parts
+        parts.append(row)
+        if self._len < self.maxlen:
+            self._len += 1
+        elif type(parts[0]) is Row:  # full: the oldest row goes (this one, if maxlen is 0)
+            parts.popleft()
+        else:
+            self._len += 1
+            self._trim()
+
+    def add_pairs(self, blob: bytes, offsets: range, closes: list[int] | range,
+                  opens: list[int] | range) -> None:
+        """Rows of the CLOSE records at ``offsets[closes[i]]``, each of whose socket
+        was opened by the OPEN at ``offsets[opens[i]]`` in the same ``blob``."""
+        self._parts.append(_Pairs(blob, offsets, closes, opens))
+        self._len += len(closes)
+        self._trim()
+
+    def _trim(self) -> None:
+        parts = self._parts
+        while self._len > self.maxlen:
+            part = parts[0]
+            size = len(part) if isinstance(part, _Pairs) else 1
+            drop = min(size, self._len - self.maxlen)
+            if drop == size:
+                parts.popleft()
+            else:
+                part.start += drop
+            self._len -= drop
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Row]:
+        for part in list(self._parts):
+            if isinstance(part, _Pairs):
+                yield from part.rows()
+            else:
+                yield part
+
+
 class LiveRows(Mapping):
     """The live rows as a read-only mapping of key to ``Row`` copies, made on access:
     for tests and narrow lookups; bulk readers use ``ConnTable.scan``."""
@@ -186,7 +303,7 @@ class ConnTable:
         self._name_ids: dict[str, int] = {}
         self._grow(_MIN_SLOTS)
         self.live = LiveRows(self)
-        self.closed: collections.deque[Row] = collections.deque(maxlen=closed_capacity)
+        self.closed = ClosedRing(closed_capacity)
         self.max_live = max_live
         self.counters: collections.Counter[str] = collections.Counter()
         # While a kernel walk is under way: close time of every socket that closed,
@@ -287,10 +404,20 @@ class ConnTable:
         """Apply records found at ``offsets`` in ``blob`` (the ring buffer's hot path:
         hot fields are read in place, and bytes are copied only for what is kept).
 
-        A new socket's OPEN, the commonest record with its CLOSE, is applied
-        inline: under a connection flood this loop is the engine's whole
-        per-record cost, and calls are most of it in Python.
+        Under churn most sockets open and close within one batch: such an OPEN and
+        its CLOSE leave only counts and a closed row, so ``_pairs`` finds them for
+        the whole batch at once and they never take a slot; the closed ring builds
+        their rows if anyone reads them. Every other record is applied in order.
         """
+        found = self._pairs(blob, offsets)
+        if found is None:
+            self._apply_each(blob, offsets)
+        else:
+            self._apply_paired(blob, offsets, *found)
+
+    def _apply_each(self, blob: bytes, offsets: Iterable[int]) -> None:
+        """Apply records one by one. A new socket's OPEN, the commonest record with
+        its CLOSE, is applied inline: calls are most of the cost in Python."""
         index, counters, free, slab = self._index, self.counters, self._free, self._slab
         closed, ended = self.closed, self.ended
         alive_a, flags_a, name_a = self._alive, self._flags, self._name
@@ -324,9 +451,8 @@ class ConnTable:
                 del index[skaddr]
                 free.append(slot)
                 room += 1
-                row = self._closing_row(slot, blob[off : off + _SIZE], ts, netns, tgid, fd, attrib)
-                row.closed_ns = ts
-                closed.append(row)
+                closed.append(self._closing_row(slot, blob[off : off + _SIZE], ts, netns, tgid, fd,
+                                                attrib))
                 ended[(role, result)] += 1
             else:
                 if kind == _CLOSE:
@@ -335,6 +461,127 @@ class ConnTable:
                     self._upsert(blob, off, h)
                 room = self.max_live - len(index)
                 slab, alive_a, flags_a, name_a = self._slab, self._alive, self._flags, self._name
+
+    def _pairs(self, blob: bytes, offsets: Iterable[int]
+               ) -> tuple[list[int], list[int], list[int], bytes] | None:
+        """For a batch as the ring buffer drains it (evenly spaced records): the
+        positions of each CLOSE that comes right after its socket's OPEN, of those
+        OPENs, and of every other record, and a counting code per record; None
+        when the batch must be applied one record at a time.
+
+        Applied one by one, such an OPEN takes a free slot and its CLOSE gives it
+        back through the inline paths; that is certain, for every pair at once, when:
+        - no walk is under way (its closes are remembered) and the table has room
+          for every record (no OPEN can be refused);
+        - every record is a valid OPEN or CLOSE, and no OPEN follows an OPEN at its
+          address: then each address is free whenever one of its OPENs comes,
+          provided a socket live before the batch starts with a CLOSE that ends it;
+        - both records of each pair carry an open time, the CLOSE's not older.
+        Columns are read through strided views and compared with builtins, so the
+        cost per record is a few C-level steps, not a Python iteration.
+        """
+        n = len(offsets) if isinstance(offsets, range) else 0
+        if (n < _PAIRED_MIN or self._walk_since is not None or not isinstance(blob, bytes)
+                or self.max_live - len(self._index) < n):
+            return None
+        base, step = offsets.start, offsets.step
+        span = (n - 1) * step
+        if base < 0 or step < _SIZE or step % 8 or base + span + _SIZE > len(blob):
+            return None
+        view = memoryview(blob)
+
+        def u64(at: int) -> memoryview:
+            return view[base + at : base + at + span + 8].cast("Q")[:: step // 8]
+
+        def u8(at: int) -> bytes:
+            return blob[base + at : base + at + span + 1 : step]
+
+        kinds, roles, attribs, results = u8(_KIND_AT), u8(_ROLE_AT), u8(_ATTRIB_OFFSET), u8(_RESULT_AT)
+        if (kinds.translate(None, bytes((_OPEN, _CLOSE))) or max(roles) >= _N_ROLES
+                or max(attribs) >= _N_ATTRIBS or max(results) >= _N_RESULTS):
+            return None
+        keys = u64(_KEY_AT).tolist()
+        # Position of the previous record at the same address (n: none), in one pass:
+        # zip looks each record up before storing its own position. ``last`` ends
+        # holding each address's last position.
+        last: dict[int, int] = {}
+        prev = list(map(itemgetter(0), zip(map(last.get, keys, repeat(n)),
+                                            map(last.__setitem__, keys, range(n)))))
+        before = bytes(map((kinds + b"\0").__getitem__, prev))
+        code = (int.from_bytes(kinds, "little") << 2 | int.from_bytes(before, "little")
+                ).to_bytes(n, "little")
+        if _REOPEN in code:
+            return None
+        closes = list(compress(range(n), code.translate(_PAIR_CLOSE)))
+        if not closes:
+            return None
+        opens = list(map(prev.__getitem__, closes))
+        ts, open_ns = u64(_TS_AT), u64(_OPEN_NS_AT)
+        alive = list(map(open_ns.__getitem__, opens))
+        if not (min(alive) and min(map(open_ns.__getitem__, closes))
+                and all(map(ge, map(ts.__getitem__, closes), alive))):
+            return None
+        lone = list(compress(range(n), code.translate(_LONE_CLOSE)))
+        live = last.keys() & self._index.keys()
+        if live:  # each must start with a CLOSE that ends the row
+            ended = 0
+            for i in lone:
+                slot = self._index.get(keys[i]) if before[i] == 0 else None
+                if slot is not None:
+                    if ts[i] < self._alive[slot]:
+                        return None
+                    ended += 1
+            if ended != len(live):
+                return None
+        ends = list(last.values())
+        rest = sorted(lone + list(compress(ends, bytes(map(kinds.__getitem__, ends))
+                                           .translate(_IS_OPEN))))
+        ones = ((1 << 8 * n) - 1) // 255
+        counting = ((int.from_bytes(kinds, "little") - ones) << 5
+                    | int.from_bytes(roles, "little") << 3
+                    | int.from_bytes(results, "little")).to_bytes(n, "little")
+        return closes, opens, rest, counting
+
+    def _apply_paired(self, blob: bytes, offsets: range, closes: list[int], opens: list[int],
+                      rest: list[int], counting: bytes) -> None:
+        """Count the pairs ``_pairs`` found, hand the closed ring those it can hold,
+        and apply the other records one by one, in batch order with the pairs."""
+        counts = {c: counting.count(c) for c in set(counting)}
+        for i in rest:
+            counts[counting[i]] -= 1
+        for c, k in counts.items():
+            if k:
+                role = c >> 3 & 3
+                if c & _CLOSE_BIT:
+                    self.ended[(role, c & 7)] += k
+                else:
+                    self.counters[_OPENED[role]] += k
+        ring = self.closed
+        first = max(0, len(closes) - ring.maxlen)  # only the last ones can stay in the ring
+        keep, keep_opens = closes[first:], opens[first:]
+        held, held_offsets, held_closes, held_opens = blob, offsets, keep, keep_opens
+        if keep and 4 * len(keep) * offsets.step < len(blob):
+            # The ring would pin a blob mostly of other records: copy out its pairs.
+            starts = list(chain.from_iterable(zip(map(offsets.__getitem__, keep_opens),
+                                                  map(offsets.__getitem__, keep))))
+            held = b"".join(map(blob.__getitem__,
+                                map(slice, starts, map(_SIZE.__add__, starts))))
+            held_offsets = range(0, len(held), _SIZE)
+            held_opens, held_closes = range(0, len(starts), 2), range(1, len(starts), 2)
+        done, run = 0, []
+        for i in rest:
+            k = bisect_left(keep, i, done)
+            if k > done:  # pairs closed before this record: into the ring first
+                if run:
+                    self._apply_each(blob, run)
+                    run = []
+                ring.add_pairs(held, held_offsets, held_closes[done:k], held_opens[done:k])
+                done = k
+            run.append(offsets[i])
+        if run:
+            self._apply_each(blob, run)
+        if done < len(keep):
+            ring.add_pairs(held, held_offsets, held_closes[done:], held_opens[done:])
 
     def apply(self, raw: bytes) -> None:
         """Apply one record (exactly ``records.EVENT_SIZE`` bytes)."""
@@ -390,19 +637,10 @@ class ConnTable:
 
     def _closing_row(self, slot: int, raw: bytes, ts: int, netns: int, tgid: int, fd: int,
                      attrib: int) -> Row:
-        """The closed row of a live slot, from its CLOSE record: the record's owner if
-        a task made it (or we knew none), else ours with its name; a known fd stays."""
-        slab, o, flags = self._slab, slot * _SIZE, self._flags[slot]
-        s_tgid, s_fd, s_attrib = _owner(slab, o)
-        takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
-        row = Row(raw, ts, self._alive[slot], netns, tgid if takes else s_tgid,
-                  fd if fd >= 0 else s_fd, attrib if takes else s_attrib,
-                  "snapshot" if flags & _BY_SNAPSHOT else "event")
-        if not takes:
-            nid = self._name[slot]
-            row.comm = self._names[nid] if nid else _comm(slab, o)[0]
-        row.named = bool(flags & _NAMED)
-        return row
+        """The closed row of a live slot, from its CLOSE record (see ``_closed_row``)."""
+        nid = self._name[slot]
+        return _closed_row(self._slab, slot * _SIZE, self._alive[slot], self._flags[slot],
+                           self._names[nid] if nid else None, raw, ts, netns, tgid, fd, attrib)
 
     def _close(self, blob: bytes, off: int, h: tuple) -> None:
         ts, skaddr, _kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
@@ -35,31 +35,48 @@ _BY_PROCESS = records.field_reader("state", "sock.tgid", "bytes_received", "byte
 class EventLog:
     """The most recent connection events with sequence numbers, for /api/events.
 
-    The event thread hands over raw batches (no decoding on the hot path);
-    records are decoded only when a client asks for them.
+    The event thread hands over raw batches, and they are kept as handed over
+    (the batch, its offsets and the sequence number of its first record): no
+    copy or object per record on the hot path. Records are cut out and decoded
+    only when a client asks for them.
     """
 
     def __init__(self, capacity: int = 10000):
-        self._raw: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=capacity)
+        self.capacity = capacity
+        # (sequence number of the first record kept, blob, offsets of the kept records)
+        self._batches: collections.deque[tuple[int, bytes, Sequence[int]]] = collections.deque()
+        self._held = 0  # records kept, at most capacity
         self._seq = 0
         self._cond = threading.Condition()
 
-    def append(self, blob: bytes, offsets: list[int]) -> None:
+    def append(self, blob: bytes, offsets: Sequence[int]) -> None:
         """Called from the event thread with each applied batch."""
-        size = records.EVENT_SIZE
-        kept = offsets[-(self._raw.maxlen or 1):]  # a burst larger than the log: keep its end
+        kept = offsets[max(0, len(offsets) - self.capacity):]  # a burst larger than the log: its end
         with self._cond:
             self._seq += len(offsets) - len(kept)
-            for off in kept:
-                self._seq += 1
-                self._raw.append((self._seq, blob[off : off + size]))
+            if kept:
+                self._batches.append((self._seq + 1, blob, kept))
+                self._seq += len(kept)
+                self._held += len(kept)
+            while self._held > self.capacity:
+                first, old, old_offsets = self._batches[0]
+                extra = self._held - self.capacity
+                if extra >= len(old_offsets):
+                    self._batches.popleft()
+                    self._held -= len(old_offsets)
+                else:
+                    self._batches[0] = (first + extra, old, old_offsets[extra:])
+                    self._held -= extra
             self._cond.notify_all()
 
     def after(self, seq: int, wait: float) -> tuple[int, list[dict[str, Any]]]:
         """Events with a sequence number above ``seq``, waiting up to ``wait`` for one."""
         with self._cond:
             self._cond.wait_for(lambda: self._seq > seq, timeout=wait)
-            last, raws = self._seq, [r for s, r in self._raw if s > seq]
+            last, batches = self._seq, list(self._batches)
+        size = records.EVENT_SIZE
+        raws = [blob[off : off + size] for first, blob, offsets in batches
+                for off in offsets[max(0, seq + 1 - first):]]
         events, _bad = records.decode_many(raws)
         return last, [fields.event_dict(ev) for ev in events]
 

@@ -2,15 +2,19 @@
 
 import struct
 
-from sockwatch.kernel.ringbuf import RingPair
+from sockwatch.kernel.ringbuf import HEADER, RingPair
 
 
 class _Drained:
-    """A ring that hands over one prepared batch (stands in for an mmap'd ring)."""
+    """A ring that hands over one prepared batch (stands in for an mmap'd ring):
+    records of ``stride`` bytes, each after its 8-byte header, as the kernel lays
+    them out; offsets point past the headers."""
 
-    def __init__(self, stamps: list[int], size: int = 16):
-        self.blob = b"".join(struct.pack("<Q", t).ljust(size, b"x") for t in stamps)
-        self.offsets = list(range(0, len(self.blob), size))
+    def __init__(self, stamps: list[int], stride: int = 24):
+        self.blob = b"".join((struct.pack("<I", stride - HEADER).ljust(HEADER, b"\0")
+                              + struct.pack("<Q", t)).ljust(stride, b"x") for t in stamps)
+        self.offsets = list(range(HEADER, len(self.blob), stride))
+        self.stride = stride
         self.fd = -1
 
     def drain(self):
@@ -27,6 +31,8 @@ def test_rescued_records_are_merged_in_time_order():
     pair.main, pair.rescue = _Drained([10, 20, 40]), _Drained([15, 30])
     blob, offsets, bad = pair.drain()
     assert _stamps(blob, offsets) == [10, 15, 20, 30, 40]
+    assert offsets == range(HEADER, 5 * 24, 24)  # evenly spaced again, whole records
+    assert blob[HEADER + 8 : 24] == b"x" * 8
     assert bad == 0
 
 
