@@ -108,6 +108,18 @@ struct sw_lost_key {
 	__u16 __pad;
 };
 
+/*
+ * One fd of one process that holds a TCP socket (bpf/owners.bpf.c): who holds
+ * what, read at start and at each reconciliation instead of /proc/<pid>/fd.
+ */
+struct sw_owner {
+	__u64 skaddr;			/* kernel address of the sock: sw_event.skaddr */
+	__u64 ino;			/* socket inode, as /proc/<pid>/fd shows socket:[ino] */
+	__u32 tgid;
+	__s32 fd;
+	char comm[SW_COMM_LEN];		/* of the thread-group leader, as /proc/<pid>/stat shows */
+};
+
 /* Log2 histograms: slot k counts values <= 2^k microseconds; the last slot is the sum. */
 #define SW_HIST_SLOTS		29	/* bounds 1 us .. 2^27 us (134 s), then one slot for larger */
 #define SW_HIST_STRIDE		32	/* slots per histogram in the array, sum at [31] */

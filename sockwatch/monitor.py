@@ -21,13 +21,16 @@ from sockwatch.interfaces import InterfaceNames, NamespaceLinks
 from sockwatch.kernel import loader, netns
 from sockwatch.kernel.reader import EventReader
 from sockwatch.processes import ProcessCache
-from sockwatch.seed import procfs
 from sockwatch.tables import Connection, ConnTable
 
 
 _NETNS_OWNER = records.field_reader("netns", "sock.tgid").unpack_from
 MAX_PENDING = 64  # drained batches kept for run()'s consumers
-UNOWNED_RETRY_S = 5.0  # before looking again for a socket no process held
+# Before looking again for a socket no process held: doubled at each miss, so an
+# orphan that lives on (a listener held by no fd) costs a walk now and then, not
+# one every reconcile.
+UNOWNED_RETRY_S = 5.0
+UNOWNED_RETRY_MAX_S = 300.0
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
 
 
@@ -81,8 +84,9 @@ class Monitor:
         self._pending: list[tuple[bytes, Sequence[int]]] = []  # for run()'s consumers
         self.processes = ProcessCache(proc_root)
         self._proc_root = proc_root
-        # (row key, alive since) -> when /proc may be walked again for its owner
-        self._unowned: dict[tuple[int, int], float] = {}
+        # (row key, alive since) -> (when the fd tables may be walked again for its
+        # owner, the wait that ended then)
+        self._unowned: dict[tuple[int, int], tuple[float, float]] = {}
         self._objects_dir = objects_dir
         self.probes: loader.Probes | None = None
         self._reader: EventReader | None = None
@@ -146,6 +150,8 @@ class Monitor:
         """Paths into the other network namespaces the table has rows in."""
         wanted: dict[int, set[int]] = {}
         with self.lock:
+            if not self.table.namespaces() - {self.netns, 0}:
+                return {}  # every row is in ours: nothing to scan
             for (ns, tgid), _name in self.table.scan(_NETNS_OWNER):
                 if ns != self.netns:
                     wanted.setdefault(ns, set()).add(tgid)
@@ -280,40 +286,55 @@ class Monitor:
 
     # -- reading ------------------------------------------------------------------
     def resolve_owners(self, fds: bool = True, keys: set[int] | None = None) -> int:
-        """Name, from /proc in one batch, the owners the kernel could only guess
-        and (with ``fds``) every fd not yet known, for all rows or those in ``keys``.
-        Works on the table's rows, so nothing is decoded; each process is looked
-        up once. Returns how many rows were named."""
-        with self.lock:
-            need = self.table.owners_to_find(fds, keys)
+        """Name, from the kernel's fd tables in one pass (iter/task_file), the owners
+        the kernel could only guess and (with ``fds``) every fd not yet known, for
+        all rows or those in ``keys``. Rows are matched by sock address, so nothing
+        is decoded; a socket held by several processes goes to the one the kernel
+        attributed it to, else to the lowest pid. Returns how many rows were named."""
         now = time.monotonic()
-        # An unknown owner means walking all of /proc; one that was not found
-        # (an orphan, a kernel socket) waits before the next walk for it.
+        # A socket with no inode has no file: no fd can hold it. One held by no
+        # process (an orphan, a kernel socket) waits before the next walk for it,
+        # twice as long at each miss.
         unowned = self._unowned
-        need = [n for n in need if n[2] and (n[1] or unowned.get((n[0], n[3]), 0) <= now)]
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
-        if not need:
+        with self.lock:
+            wanted = {key for key, _tgid, ino, since in self.table.owners_to_find(fds, keys)
+                      if ino and unowned.get((key, since), (0.0, 0.0))[0] <= now}
+        probes = self.probes
+        if not wanted or probes is None:
             return 0
-        guesses = any(n[1] == 0 for n in need)
-        owners = procfs.socket_owners(None if guesses else {n[1] for n in need},
-                                      self._proc_root)
-        names: dict[int, str] = {}
+        names: dict[tuple[int, bytes], str] = {}
+
+        def name_of(pid: int, comm: bytes) -> str:
+            name = names.get((pid, comm))
+            if name is None:
+                name = names[(pid, comm)] = self._process_name(pid, comm)
+            return name
+
+        elsewhere: dict[int, tuple] = {}  # held, but not by the process it was attributed to
         named = 0
-        for key, tgid, ino, since in need:
-            holders = owners.get(ino)
-            if not holders:
-                if not tgid:
-                    unowned[(key, since)] = now + UNOWNED_RETRY_S
-                continue
-            pid, fd = next((h for h in holders if h[0] == tgid), holders[0])
-            if pid not in names:
-                info = self.processes.lookup(pid)
-                names[pid] = info.name if info else ""
+        for chunk in probes.owner_chunks():
             with self.lock:
-                self.table.name_owner(key, pid, names[pid], fd)
-            named += 1
+                named += self.table.claim_owners(records.OWNER.iter_unpack(chunk), fds, wanted,
+                                                 name_of, elsewhere)
+        with self.lock:
+            named += self.table.claim_owners(elsewhere.values(), fds, wanted, name_of)
+            missed = [n for n in self.table.owners_to_find(fds, keys) if n[0] in wanted]
+        for key, _tgid, _ino, since in missed:
+            wait = min(2 * unowned.get((key, since), (0.0, UNOWNED_RETRY_S / 2))[1],
+                       UNOWNED_RETRY_MAX_S)
+            unowned[(key, since)] = (now + wait, wait)
         return named
+
+    def _process_name(self, pid: int, comm: bytes) -> str:
+        """The name /proc/<pid>/stat (and psutil) give: the leader's comm, or for a
+        comm cut at 15 characters, psutil's longer name from the command line."""
+        name = records.decode_comm(comm)
+        if not comm[records.COMM_LEN - 2]:
+            return name
+        info = self.processes.lookup(pid)
+        return info.name if info else name
 
     def connections(self, refresh: bool = True,
                     where: Callable[[int, str, int, int, int], bool] | None = None,
@@ -321,7 +342,7 @@ class Monitor:
         """Live connections with current counters and resolved owners.
 
         ``where(pid, comm, state, sport, dport)`` selects rows before anything is
-        decoded or looked up in /proc, so a narrow query stays cheap on a big table.
+        decoded or its owner looked up, so a narrow query stays cheap on a big table.
         """
         return [c for batch in self.connection_batches(refresh, where) for c in batch]
 

@@ -102,6 +102,7 @@ HIST_SLOTS = 29  # slot k: <= 2**k microseconds for k < 28; slot 28: larger
 HIST_STRIDE = 32  # slots per histogram in the map; the sum (ns) is in the last
 TOTAL_KEY = struct.Struct("<16sHBB4x")  # struct sw_total_key
 LOST_KEY = struct.Struct("<IBB2x")  # struct sw_lost_key: netns, kind, role
+OWNER = struct.Struct("<QQIi16s")  # struct sw_owner: skaddr, ino, tgid, fd, comm
 
 
 @dataclass(frozen=True)

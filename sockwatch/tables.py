@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import collections
+import re
 import struct
 from bisect import bisect_left
 from collections.abc import Mapping
@@ -54,17 +55,27 @@ _OWNER = struct.Struct("<Ii")  # sock.tgid, sock.fd: adjacent in the record
 _OWNER_OFFSET = records.SwEvent.sock.offset + records.SwSock.tgid.offset
 _ATTRIB_OFFSET = records.SwEvent.sock.offset + records.SwSock.attrib.offset
 _KEY = records.field_reader("skaddr").unpack_from
+# The two spans of a record around the owner's pid and fd, for merge_snapshot:
+# [_A, _B) after the sock address, [_C, end) from sock.role on (attribution and
+# name included).
+_A, _B = 16, _OWNER_OFFSET
+_C = _OWNER_OFFSET + _OWNER.size
+_WALKED = records.field_reader("ts_ns", "skaddr", "sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
+_NETNS_OFFSET = records.SwEvent.netns.offset
+assert _NETNS_OFFSET % 4 == 0 and _SIZE % 4 == 0  # for namespaces()
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
 _owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO = records.field_reader("sock.ino").unpack_from
 _MIN_SLOTS = 1024
 # Row flags
-_NAMED = 1  # the owner was read from /proc
+_NAMED = 1  # the owner was read from the kernel's fd tables (Monitor.resolve_owners)
 _BY_SNAPSHOT = 2  # first seen by a kernel walk, not by an event
 _SEEN = 4  # seen by the kernel walk under way
 _CLEAR_SEEN = bytes(i & ~_SEEN for i in range(256))
+_UNNAMED = bytes(0 if i & _NAMED else 1 for i in range(256))
+_FIND_UNNAMED = re.compile(b"\x01")
 _OPENED = tuple(f"opened_{r.name.lower()}" for r in Role)  # indexed by role, no enum per record
 # Where the batch pre-pass (ConnTable._pairs) reads its columns in each record.
 _TS_AT = records.SwEvent.ts_ns.offset
@@ -108,7 +119,7 @@ class Connection:
 
     @property
     def owner_is_guess(self) -> bool:
-        """No task touched it while we watched: /proc must say who holds it."""
+        """No task touched it while we watched: the fd tables must say who holds it."""
         return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
 
 
@@ -125,10 +136,10 @@ class Row:
         self.alive_since_ns = alive_since_ns
         self.netns = netns
         self.tgid = tgid
-        self.comm: bytes | str | None = None  # None: the raw record's; str once /proc named it
+        self.comm: bytes | str | None = None  # None: the raw record's; str once resolved
         self.fd = fd
         self.attrib = attrib  # of the record the owner came from
-        self.named = False  # the owner was read from /proc: no longer a guess
+        self.named = False  # the owner was read from the fd tables: not a guess
         self.seen_by = seen_by
         self.closed_ns = 0
         self.reconciled = False
@@ -286,7 +297,7 @@ class ConnTable:
         self._slab = bytearray()
         self._alive = array.array("Q")  # alive_since_ns
         self._flags = bytearray()  # _NAMED | _BY_SNAPSHOT | _SEEN
-        self._name = array.array("I")  # index into _names of the /proc name; 0: none
+        self._name = array.array("I")  # index into _names of the resolved name; 0: none
         self._free: list[int] = []  # free slots, lowest last
         self._names: list[str] = [""]
         self._name_ids: dict[str, int] = {}
@@ -378,7 +389,7 @@ class ConnTable:
         return nid
 
     def _prune_names(self) -> None:
-        """Forget /proc names no live row uses any more (names of exited processes)."""
+        """Forget resolved names no live row uses any more (names of exited processes)."""
         if len(self._names) <= 1024 + len(self._index):
             return
         used = {self._name[slot] for slot in self._index.values()} - {0}
@@ -603,7 +614,7 @@ class ConnTable:
     def _update(self, slot: int, blob: bytes, off: int, ts: int, tgid: int, fd: int,
                 attrib: int) -> None:
         """A newer record brings counters and state; its owner replaces ours only if
-        a task made it (a guess never replaces what a task or /proc told us), and
+        a task made it (a guess never replaces what a task or the fd tables told us), and
         a known fd never goes back to unknown."""
         slab, o = self._slab, slot * _SIZE
         s_ts, s_tgid, s_fd, s_attrib = _stored(slab, o)
@@ -662,8 +673,72 @@ class ConnTable:
 
     def merge_snapshot(self, blob: bytes, offsets: Iterable[int]) -> None:
         """Apply iter/tcp rows found at ``offsets`` in ``blob`` (fresh counters, sockets
-        that predate us), and mark their rows seen by this walk. ``offsets`` is
-        read twice: a range or a list."""
+        that predate us), in order, and mark their rows seen by this walk.
+
+        Most rows of most walks are idle sockets whose record has not changed but
+        for its time: for those, _update would rewrite the slot with the same
+        bytes. They are recognised by comparing the record with the slot at C
+        speed (see _unchanged), and only their time moves on. The rows of a first
+        walk are new: inserted straight away. Runs of other rows are applied as
+        records.
+        """
+        flags, slab, unchanged, pending = self._flags, self._slab, self._unchanged, []
+        insert = self._insert_walked
+        for off in offsets:
+            slot = unchanged(blob, off)
+            if slot is None and not pending and insert(blob, off):
+                continue
+            if slot is not None and pending:  # the rows before it come first
+                self._apply_walked(blob, pending)
+                pending = []
+                slot = unchanged(blob, off)
+            if slot is None:
+                pending.append(off)
+            else:
+                o = slot * _SIZE
+                slab[o : o + 8] = blob[off : off + 8]  # ts_ns
+                flags[slot] |= _SEEN
+        if pending:
+            self._apply_walked(blob, pending)
+
+    def _unchanged(self, blob: bytes, off: int) -> int | None:
+        """The slot of the walked record at ``off`` if applying it would change
+        nothing but the row's time; None if it must be applied. The slot may hold
+        an owner learned elsewhere (pid and fd; its name is kept beside the slab),
+        so those two are compared as _update would merge them; all else must be
+        the same bytes."""
+        if not 0 <= off <= len(blob) - _SIZE:
+            return None
+        ts, key, tgid, fd, attrib = _WALKED(blob, off)
+        slot = self._index.get(key)
+        if slot is None:
+            return None
+        slab, o = self._slab, slot * _SIZE
+        s_ts, s_tgid, s_fd, _s_attrib = _stored(slab, o)
+        if (ts >= s_ts and (fd < 0 or fd == s_fd)
+                and slab[o + _A : o + _B] == blob[off + _A : off + _B]
+                and slab[o + _C : o + _SIZE] == blob[off + _C : off + _SIZE]
+                # the owner stays ours, or it is the same owner, with no other name
+                and (not tgid or (attrib not in TASK_ATTRIBUTIONS and s_tgid)
+                     or (tgid == s_tgid and not self._name[slot]))):
+            return slot
+        return None
+
+    def _insert_walked(self, blob: bytes, off: int) -> bool:
+        """Insert the walked record at ``off`` as _upsert would, when it is a
+        well-formed snapshot of a socket the table does not hold; False (nothing
+        done) for anything else, which is then applied as a record."""
+        if not 0 <= off <= len(blob) - _SIZE:
+            return False
+        ts, key, kind, result, _st, _old, _ns, open_ns, _tgid, _fd, role, attrib = _hot(blob, off)
+        if (kind != _SNAPSHOT or key in self._index or len(self._index) >= self.max_live
+                or role >= _N_ROLES or attrib >= _N_ATTRIBS or result >= _N_RESULTS
+                or self._closed_during_walk.get(key, -1) >= ts):
+            return False
+        self._insert(key, blob, off, open_ns or ts, _BY_SNAPSHOT | _SEEN)
+        return True
+
+    def _apply_walked(self, blob: bytes, offsets: list[int]) -> None:
         self.apply_batch(blob, offsets)
         index, flags, last = self._index, self._flags, len(blob) - _SIZE
         for off in offsets:
@@ -712,12 +787,20 @@ class ConnTable:
         """(``unpack(slab, offset)``, owner's name) of every live row, straight from
         the slab: the fields a scrape needs, without a copy per row. The owner's
         pid, fd and attribution are in the record; the name is raw comm bytes, or
-        the name /proc gave. Hold the lock the table is guarded by meanwhile."""
+        the resolved name. Hold the lock the table is guarded by meanwhile."""
         slab, names, name_of = self._slab, self._names, self._name
         for slot in self._index.values():
             o = slot * _SIZE
             nid = name_of[slot]
             yield unpack(slab, o), names[nid] if nid else _comm(slab, o)[0]
+
+    def namespaces(self) -> set[int]:
+        """The network namespace inodes of the live rows, and maybe of some freed
+        slots (0 for slots never used): read at C speed across the whole slab, so
+        asking whether any row lives outside our namespace costs no row scan."""
+        with memoryview(self._slab) as raw, raw.cast("I") as words, \
+                words[_NETNS_OFFSET // 4 :: _SIZE // 4] as column:
+            return set(column)
 
     def select(self, where: Callable[[int, str, int, int, int], bool]) -> list[int]:
         """Keys of the live rows for which ``where(pid, name, state, sport, dport)``."""
@@ -727,19 +810,29 @@ class ConnTable:
                          state, sport, dport)]
 
     def owners_to_find(self, fds: bool, keys: set[int] | None = None
-                       ) -> list[tuple[int, int, int, int]]:
+                       ) -> Iterator[tuple[int, int, int, int]]:
         """(key, pid, inode, alive since) of the rows, of all or of those in ``keys``,
-        whose owner is a guess, or (with ``fds``) whose fd is unknown."""
+        whose owner is a guess, or (with ``fds``) whose fd is unknown; consumed
+        under the table's lock. A named row needs neither, and on a settled table
+        nearly all are: unnamed slots are found at C speed, so a reconcile of 200k
+        named rows looks at none of them."""
         slab, flags, alive, index = self._slab, self._flags, self._alive, self._index
-        items = index.items() if keys is None else ((k, index[k]) for k in keys if k in index)
-        need = []
+        if keys is None:
+            slots = (m.start() for m in _FIND_UNNAMED.finditer(flags.translate(_UNNAMED)))
+            items = ((_KEY(slab, slot * _SIZE)[0], slot) for slot in slots)
+            items = ((key, slot) for key, slot in items if index.get(key) == slot)
+        else:
+            items = ((k, index[k]) for k in keys if k in index)
         for key, slot in items:
-            o = slot * _SIZE
-            tgid, fd, attrib = _owner(slab, o)
-            guess = not flags[slot] & _NAMED and (tgid == 0 or attrib not in TASK_ATTRIBUTIONS)
-            if guess or (fds and fd < 0):
-                need.append((key, tgid, _INO(slab, o)[0], alive[slot]))
-        return need
+            if self._needs_owner(slot, fds):
+                o = slot * _SIZE
+                yield key, _owner(slab, o)[0], _INO(slab, o)[0], alive[slot]
+
+    def _needs_owner(self, slot: int, fds: bool) -> bool:
+        if self._flags[slot] & _NAMED:
+            return False
+        tgid, fd, attrib = _owner(self._slab, slot * _SIZE)
+        return tgid == 0 or attrib not in TASK_ATTRIBUTIONS or (fds and fd < 0)
 
     def snapshot(self) -> list[Connection]:
         """Decoded copies of the live rows: views may keep them while the table moves on."""
@@ -751,11 +844,36 @@ class ConnTable:
     def ended_by_name(self) -> dict[tuple[Role, Result], int]:
         return {(Role(r), Result(x)): n for (r, x), n in self.ended.items()}
 
-    def name_owner(self, key: int, tgid: int, comm: str, fd: int) -> None:
-        """Record the owner /proc found for a live row (an fd never changes while it lives)."""
-        slot = self._index.get(key)
-        if slot is not None:
+    def claim_owners(self, holders: Iterable[tuple[int, int, int, int, bytes]], fds: bool,
+                     keys: set[int] | None, name_of: Callable[[int, bytes], str],
+                     elsewhere: dict[int, tuple] | None = None) -> int:
+        """Give each row that needs it (see owners_to_find) its holder among
+        ``holders``, (key, inode, pid, fd, comm) rows of the kernel's fd tables
+        (records.OWNER) in pid order, and the name ``name_of(pid, comm)``; an fd
+        never changes while the socket lives. A row the kernel attributed to a
+        process is claimed only by that process: other holders are kept in
+        ``elsewhere``, for a last call (without it) to settle once the walk is
+        over. Returns how many rows were named."""
+        index, slab, flags, name_ids = self._index, self._slab, self._flags, self._name
+        needs, pack, ids, named = self._needs_owner, _OWNER.pack_into, {}, 0
+        for holder in holders:
+            key, _ino, tgid, fd, comm = holder
+            if keys is not None and key not in keys:
+                continue
+            slot = index.get(key)
+            if slot is None or not needs(slot, fds):
+                continue
             o = slot * _SIZE
-            self._set_owner(o, tgid, fd, self._slab[o + _ATTRIB_OFFSET])
-            self._name[slot] = self._name_id(comm)
-            self._flags[slot] |= _NAMED
+            if elsewhere is not None:
+                attributed = _OWNER.unpack_from(slab, o + _OWNER_OFFSET)[0]
+                if attributed and attributed != tgid:
+                    elsewhere.setdefault(key, holder)
+                    continue
+            nid = ids.get((tgid, comm))
+            if nid is None:
+                nid = ids[(tgid, comm)] = self._name_id(name_of(tgid, comm))
+            pack(slab, o + _OWNER_OFFSET, tgid, fd)
+            name_ids[slot] = nid
+            flags[slot] |= _NAMED
+            named += 1
+        return named

@@ -9,6 +9,7 @@ Choice per hook, best first (``--attach`` forces one flavour):
   syscall exit (exact fd, but taxes every syscall on the host); else the first
   send/recv or close() on the accepted socket, in the owning task;
 - snapshot: iter/tcp (essential: seed and reconciliation);
+- owners: iter/task_file (essential: who holds each socket, at which fd);
 - stack latency (optional, ``stack_latency``): the per-packet tracepoints of
   stack.bpf.o, in the same tracepoint flavour. A stack hook that cannot load or
   attach is reported as unavailable and the rest keeps working: the lifecycle
@@ -75,6 +76,7 @@ _FUNCTION_PROGRAMS = {
     "accept": {"fentry": "accept_fexit", "kprobe": "accept_kretprobe"},
 }
 SNAPSHOT_PROGRAM = "dump_tcp"
+OWNERS_PROGRAM = "dump_owners"  # bpf/owners.bpf.c, linked into lifecycle.bpf.o
 
 # The per-packet hooks of stack.bpf.o: hook (the kernel event), its role, and its
 # program per tracepoint flavour. tcp_sendmsg_locked has no classic variant: its
@@ -234,6 +236,8 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
                 )
             )
     plan.hooks.append(HookChoice("snapshot", "iter", (SNAPSHOT_PROGRAM,), "iter/tcp"))
+    plan.hooks.append(HookChoice("owners", "iter", (OWNERS_PROGRAM,),
+                                 "iter/task_file: the process and fd holding each socket"))
     if cfg.stack_latency:
         for hook, (role, by_flavour) in _STACK_HOOKS.items():
             if tp in by_flavour:
@@ -332,6 +336,7 @@ class Probes:
         self.stack_enabled = any(a.stack for a in handover.attached)
         maps = handover.maps
         self._snapshot_link = next(a for a in self._attached if a.program == SNAPSHOT_PROGRAM)
+        self._owners_link = next(a for a in self._attached if a.program == OWNERS_PROGRAM)
         self.ring = RingPair(*(RingReader(*maps[name], records.EVENT_SIZE)
                                for name in ("events", "events_rescue")))
         self._stats_fd = maps["stats"][0]
@@ -354,6 +359,14 @@ class Probes:
         fd = (create_iterator(link.link_fd, link.program) if netns_path is None
               else netns.call_in(netns_path, lambda: create_iterator(link.link_fd, link.program)))
         return read_records(fd, records.EVENT_SIZE, per_chunk)
+
+    def owner_chunks(self, per_chunk: int = 4096) -> Iterator[bytes]:
+        """Run iter/task_file: one raw struct sw_owner (records.OWNER) per fd of every
+        process that holds a TCP socket, any namespace, in chunks of whole records
+        (a torn tail is dropped). Read as the chunks are consumed: consume them at once."""
+        link, size = self._owners_link, records.OWNER.size
+        for chunk in read_records(create_iterator(link.link_fd, link.program), size, per_chunk):
+            yield chunk[: len(chunk) - len(chunk) % size]
 
     def stats(self) -> dict[records.Stat, int]:
         values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)

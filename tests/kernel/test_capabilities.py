@@ -543,11 +543,11 @@ def test_restricted_daemon_attributes_another_users_connections(runner, service_
     assert_programs_gone(ids)
 
 
-def test_without_ptrace_and_dac_read_search_fds_of_other_users_stay_unknown(runner,
-                                                                          service_caps):
-    """Control for the two /proc capabilities: without them the kernel side still
-    attributes the pid, but the fd (only in /proc/<pid>/fd) cannot be read; the
-    daemon carries on without it."""
+def test_without_ptrace_and_dac_read_search_fds_of_other_users_are_still_known(runner,
+                                                                              service_caps):
+    """Control for the two /proc capabilities: fds come from the kernel's fd tables
+    (iter/task_file), not from /proc/<pid>/fd, so a daemon without them still
+    reports the pid and the fd of another user's sockets."""
     caps = service_caps - {"sys_ptrace", "dac_read_search"}
     assert caps == {"bpf", "perfmon"}, caps
     comm = f"swnop{os.getpid() % 100000}"
@@ -559,11 +559,11 @@ def test_without_ptrace_and_dac_read_search_fds_of_other_users_stay_unknown(runn
                               if r["role"] in ("client", "server", "listener")
                               and (r["role"] != "client"
                                    or r["local_port"] == child["client_port"]))
-                want = sorted((role, child["pid"], None)
+                want = sorted((role, child["pid"], child[f"{role}_fd"])
                               for role in ("client", "server", "listener"))
                 return mine == want, mine
 
-            wait_for("rows with pid and no fd", rows, timeout=10)
+            wait_for("rows with pid and fd", rows, timeout=10)
         ids = programs_of(d.pid)
         assert ids, "the daemon holds no BPF program"
         print(f"daemon {d.pid} holds BPF programs {sorted(ids)}")

@@ -117,7 +117,7 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> tuple[str, str]:
 
 
 # -- probes -------------------------------------------------------------------------------
-LIFECYCLE_HOOKS = {"state", "destroy", "connect", "accept", "snapshot"}
+LIFECYCLE_HOOKS = {"state", "destroy", "connect", "accept", "snapshot", "owners"}
 # the per-packet hooks of the stack latency layers, on by default
 STACK_HOOKS = {"tcp_sendmsg", "net_dev_queue", "net_dev_start_xmit", "net_dev_xmit",
                "netif_receive_skb", "tcp_probe", "sk_data_ready", "sock_recv_length"}
@@ -154,6 +154,7 @@ def test_probes_names_the_mode_of_every_hook(probes_json):
     assert {hooks[h][0] for h in STACK_HOOKS} == {best}, hooks
     assert "stack probes on" in proc.stdout and probes_json["stack_latency"] is True
     assert hooks["snapshot"][0] == "iter" and "dump_tcp" in hooks["snapshot"][1]
+    assert hooks["owners"][0] == "iter" and "dump_owners" in hooks["owners"][1]
     if not function_ok:
         assert hooks["connect"][0] == "state"
         assert hooks["accept"][0] == f"first-use/{best}"

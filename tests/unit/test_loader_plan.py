@@ -46,10 +46,12 @@ def test_fallback_plan_on_development_kernel():
         "connect": ("state", ()),
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
+        "owners": ("iter", ("dump_owners",)),
         **STACK_BTF,
     }
-    assert [h.hook for h in plan.hooks][:5] == ["state", "destroy", "connect", "accept", "snapshot"]
-    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp"} | {
+    assert [h.hook for h in plan.hooks][:6] == ["state", "destroy", "connect", "accept", "snapshot",
+                                                "owners"]
+    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp", "dump_owners"} | {
         p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
@@ -72,7 +74,8 @@ def test_stack_latency_off_plans_no_stack_hook():
     """--no-stack-latency: the per-packet programs are not even loaded."""
     plan = plan_attachments(feats(), LoaderConfig(stack_latency=False))
     assert not any(h.stack for h in plan.hooks)
-    assert [h.hook for h in plan.hooks] == ["state", "destroy", "connect", "accept", "snapshot"]
+    assert [h.hook for h in plan.hooks] == ["state", "destroy", "connect", "accept", "snapshot",
+                                            "owners"]
 
 
 def test_stack_hooks_follow_the_tracepoint_flavour():
@@ -172,6 +175,7 @@ def test_fentry_allowed_uses_function_programs():
         "connect": ("fentry", ("connect_fentry",)),
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
+        "owners": ("iter", ("dump_owners",)),
         **STACK_BTF,
     }
     # precise_accept is moot when accept is hooked at the function: no syscall tax

@@ -209,3 +209,72 @@ def test_churn_batch_takes_no_slot():
     blob = b"".join(recs)
     found = tbl._pairs(blob, range(0, len(blob), SIZE))
     assert found is not None and len(found[0]) > 100
+
+
+class _ApplyEveryWalkRow(ConnTable):
+    """The reference merge: every walk row applied as a record, none skipped."""
+
+    def merge_snapshot(self, blob, offsets):
+        offsets = list(offsets)
+        self.apply_batch(blob, offsets)
+        for off in offsets:
+            if 0 <= off <= len(blob) - SIZE:
+                key = records.field_reader("skaddr").unpack_from(blob, off)[0]
+                if key in self._index:
+                    self._flags[self._index[key]] |= 4  # _SEEN
+
+
+def _slab_state(tbl: ConnTable) -> dict:
+    return {key: (bytes(tbl._slab[slot * SIZE : (slot + 1) * SIZE]), tbl._alive[slot],
+                  tbl._flags[slot], tbl._names[tbl._name[slot]])
+            for key, slot in tbl._index.items()}
+
+
+_KEYS = (0xFFFF888000001000, 0xFFFF888000002000)
+_row = st.fixed_dictionaries({
+    "skaddr": st.sampled_from(_KEYS), "kind": st.sampled_from([Kind.OPEN, Kind.SNAPSHOT]),
+    "tgid": st.sampled_from([0, 7, 9]), "fd": st.sampled_from([-1, 3, 4]),
+    "attrib": st.sampled_from([records.Attrib.NONE, records.Attrib.CONNECT]),
+    "comm": st.sampled_from([b"", b"a", b"b"]), "bytes_sent": st.sampled_from([0, 5]),
+    "dt": st.integers(-2, 3)})
+_step = st.one_of(
+    st.tuples(st.just("record"), _row),
+    st.tuples(st.just("walk"), st.lists(_row, max_size=3)),
+    st.tuples(st.just("name"), st.sampled_from(_KEYS), st.sampled_from([7, 8]),
+              st.sampled_from([3, 5])))
+
+
+_ATTRIBUTED = {"skaddr": _KEYS[0], "kind": Kind.SNAPSHOT, "tgid": 7, "fd": -1,
+               "attrib": records.Attrib.CONNECT, "comm": b"a", "bytes_sent": 0, "dt": 0}
+
+
+@FUZZ
+@given(st.lists(_step, max_size=12))
+@example([("walk", [_ATTRIBUTED]), ("name", _KEYS[0], 7, 3), ("walk", [_ATTRIBUTED])])
+def test_walk_rows_skipped_as_unchanged_leave_the_table_as_applying_them_would(steps):
+    """merge_snapshot only moves the time of rows whose record did not change: any
+    mix of records, owner lookups and walks ends in the state that applying
+    every walk row gives, byte for byte."""
+    fast, slow, t = ConnTable(), _ApplyEveryWalkRow(), 1_000
+
+    def rec(row):
+        nonlocal t
+        t += 10 + row["dt"]
+        return raw(ts_ns=t, **{k: v for k, v in row.items() if k != "dt"})
+
+    for step in steps:
+        if step[0] == "record":
+            blob = rec(step[1])
+            fast.apply(blob)
+            slow.apply(blob)
+        elif step[0] == "name":
+            for tbl in (fast, slow):
+                tbl.claim_owners([(step[1], 1, step[2], step[3], b"")], True, None,
+                                 lambda pid, _c: f"p{pid}")
+        else:
+            rows = [rec(dict(row, kind=Kind.SNAPSHOT)) for row in step[1]]
+            for tbl in (fast, slow):
+                tbl.begin_walk(t)
+                merge(tbl, *rows)
+                tbl.remove_missing(t, {NETNS})
+        assert _slab_state(fast) == _slab_state(slow)

@@ -311,10 +311,11 @@ def test_slab_grows_and_gives_back_memory_after_a_burst():
     start = tbl.capacity
     keys = [A + i * 8 for i in range(5000)]
     for i, key in enumerate(keys):
-        tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1, comm=b"burst", fd=i))
+        tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1, comm=b"burst", fd=i,
+                         attrib=Attrib.NONE if i == 100 else Attrib.CONNECT))
     assert len(tbl) == 5000 and tbl.capacity >= 5000 > start
     survivors = keys[::100]
-    tbl.name_owner(survivors[1], 4242, "named-by-proc", 9)
+    tbl.claim_owners([(survivors[1], 1, 4242, 9, b"")], False, None, lambda *_: "named-by-proc")
     before = {k: _live(tbl, k) for k in survivors}
     for i, key in enumerate(keys):
         if key not in before:
@@ -340,7 +341,7 @@ def test_scan_select_and_owner_needs_read_the_slab_as_rows_do():
     tbl = ConnTable()
     tbl.apply(opened(skaddr=A, tgid=10, comm=b"curl", fd=3, sport=40000, dport=8443))
     tbl.apply(opened(skaddr=B, tgid=0, comm=b"", fd=-1, attrib=Attrib.NONE, sport=80))
-    tbl.name_owner(B, 20, "nginx: worker", 7)
+    tbl.claim_owners([(B, 1, 20, 7, b"nginx")], False, None, lambda *_: "nginx: worker")
     tbl.apply(opened(skaddr=C, tgid=30, comm=b"x", fd=-1, attrib=Attrib.NONE, sport=1))
     scanned = list(tbl.scan(records.field_reader("sock.tgid", "sport").unpack_from))
     assert scanned == [((10, 40000), b"curl" + bytes(12)), ((20, 80), "nginx: worker"),
@@ -359,7 +360,8 @@ def test_names_of_gone_processes_are_forgotten():
     tbl = ConnTable()
     for i in range(3000):
         tbl.apply(opened(skaddr=A + i * 8, t=1_000 + i, tgid=0, attrib=Attrib.NONE))
-        tbl.name_owner(A + i * 8, 100 + i, f"prog-{i}", 3)
+        tbl.claim_owners([(A + i * 8, 1, 100 + i, 3, b"")], False, None,
+                         lambda pid, _c: f"prog-{pid - 100}")
         if i:
             tbl.apply(closed(skaddr=A + (i - 1) * 8, t=50_000 + i))
     tbl.begin_walk(100_000)
@@ -367,3 +369,14 @@ def test_names_of_gone_processes_are_forgotten():
     tbl.remove_missing(100_000, {NETNS})
     assert len(tbl._names) < 10
     assert _live(tbl, A + 2999 * 8).comm == "prog-2999"
+
+
+def test_namespaces_lists_every_live_rows_namespace():
+    """Read across the slab at C speed: every live row's namespace is in it (a freed
+    slot may add an old one; reconcile then scans the rows to be sure)."""
+    tbl = ConnTable()
+    assert tbl.namespaces() <= {0}
+    tbl.apply(opened(skaddr=A))
+    tbl.apply(opened(skaddr=B, netns=NETNS + 1))
+    assert {NETNS, NETNS + 1} <= tbl.namespaces() <= {0, NETNS, NETNS + 1}
+    tbl._grow(4096)  # a resize after the read: the slab's views were all released

@@ -1,0 +1,115 @@
+"""The owners walk (iter/task_file, bpf/owners.bpf.c) against /proc/<pid>/fd.
+
+Processes hold real sockets at known fds: TCP over IPv4 and IPv6 (a listener,
+both ends of a connection, a dup()ed fd), beside sockets that must not be
+reported (UDP, a raw socket of protocol TCP, a unix pair), each in our network
+namespace and in one the test makes; every holder forks, so each socket is
+held by two processes. The walk must report exactly the TCP fds /proc lists,
+with the sock address the iter/tcp rows use, and the monitor must then name the
+owner and fd of every pre-existing socket from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from sockwatch import records
+from sockwatch.kernel.loader import LoaderConfig
+from sockwatch.monitor import Monitor
+
+HOLDER = """
+import json, os, socket, sys
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen()
+cli = socket.create_connection(lst.getsockname())
+srv, _ = lst.accept()
+l6 = socket.socket(socket.AF_INET6)
+l6.bind(("::1", 0))
+l6.listen()
+others = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+          socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP),
+          *socket.socketpair()]
+tcp = [lst.fileno(), cli.fileno(), srv.fileno(), l6.fileno(), os.dup(cli.fileno())]
+child = os.fork()
+if child == 0:  # holds every socket too, until stdin closes
+    sys.stdin.read()
+    os._exit(0)
+print(json.dumps({"pid": os.getpid(), "child": child, "tcp": tcp,
+                  "others": [s.fileno() for s in others]}), flush=True)
+sys.stdin.read()
+os.waitpid(child, 0)
+"""
+
+
+def _socket_fds(pid: int) -> dict[int, int]:
+    """fd -> socket inode, from /proc/<pid>/fd: the ground truth."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            out[int(fd)] = int(target[8:-1])
+    return out
+
+
+def _walk(mon: Monitor) -> list[tuple[int, int, int, int, bytes]]:
+    assert mon.probes is not None
+    return [row for chunk in mon.probes.owner_chunks()
+            for row in records.OWNER.iter_unpack(chunk)]
+
+
+def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair):
+    ns_cmd = ["ip", "netns", "exec", netns_pair.a]
+    holders = [subprocess.Popen([*prefix, sys.executable, "-c", textwrap.dedent(HOLDER)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for prefix in ([], ns_cmd)]
+    mon = None
+    try:
+        infos = [json.loads(h.stdout.readline()) for h in holders]
+        mon = Monitor(LoaderConfig(stack_latency=False))
+        mon.start()  # after the sockets exist: no hook saw them
+        walk = _walk(mon)
+        assert records.OWNER.size == 40  # struct sw_owner
+        by_pid: dict[int, dict[int, tuple[int, int, bytes]]] = {}
+        for skaddr, ino, tgid, fd, comm in walk:
+            assert fd not in by_pid.setdefault(tgid, {}), "an fd reported twice"
+            by_pid[tgid][fd] = (skaddr, ino, comm)
+        addr_of_ino: dict[int, int] = {}
+        for info in infos:
+            truth = _socket_fds(info["pid"])
+            assert set(info["tcp"]) | set(info["others"]) <= set(truth)
+            for pid in (info["pid"], info["child"]):
+                assert _socket_fds(pid) == truth  # the fork shares the fd table's sockets
+                seen = by_pid.get(pid, {})
+                # exactly the TCP fds: no UDP, raw or unix socket, nothing missing
+                assert {fd: ino for fd, (_a, ino, _c) in seen.items()} == \
+                    {fd: truth[fd] for fd in info["tcp"]}
+                assert {c for _a, _i, c in seen.values()} == {b"python" + bytes(10)}
+                for _fd, (skaddr, ino, _c) in seen.items():
+                    assert addr_of_ino.setdefault(ino, skaddr) == skaddr  # one sock, one address
+        # the dup()ed fd is the same socket as the connection's client end
+        pid, (_lst, cli, _srv, _l6, dup) = infos[0]["pid"], infos[0]["tcp"]
+        assert by_pid[pid][cli][0] == by_pid[pid][dup][0]
+
+        # Our namespace's sockets predate the monitor: their rows (keyed by the same
+        # address) get the holder with the lowest pid, its lowest fd, and its name.
+        info = infos[0]
+        truth = _socket_fds(info["pid"])
+        want = {addr_of_ino[truth[fd]]: fd for fd in sorted(info["tcp"], reverse=True)}
+        rows = {c.key: c for c in mon.connections(refresh=False) if c.key in want}
+        assert set(rows) == set(want)
+        for key, c in rows.items():
+            assert (c.tgid, c.fd, c.comm, c.ev.ino) == \
+                (min(info["pid"], info["child"]), want[key], "python", truth[want[key]])
+            assert c.seen_by == "snapshot"
+    finally:
+        if mon is not None:
+            mon.close()
+        for h in holders:
+            h.stdin.close()
+            h.wait(timeout=10)
+            h.stdout.close()
