@@ -543,36 +543,6 @@ def test_restricted_daemon_attributes_another_users_connections(runner, service_
     assert_programs_gone(ids)
 
 
-def test_without_ptrace_and_dac_read_search_fds_of_other_users_are_still_known(runner,
-                                                                              service_caps):
-    """Control for the two /proc capabilities: fds come from the kernel's fd tables
-    (iter/task_file), not from /proc/<pid>/fd, so a daemon without them still
-    reports the pid and the fd of another user's sockets."""
-    caps = service_caps - {"sys_ptrace", "dac_read_search"}
-    assert caps == {"bpf", "perfmon"}, caps
-    comm = f"swnop{os.getpid() % 100000}"
-    with restricted_daemon(runner, caps) as d:
-        with other_user_child(runner, comm, 1000, 1000, 0) as child:
-            def rows():
-                got = d.json(f"/api/connections?port={child['port']}")
-                mine = sorted((r["role"], r["pid"], r["fd"]) for r in got
-                              if r["role"] in ("client", "server", "listener")
-                              and (r["role"] != "client"
-                                   or r["local_port"] == child["client_port"]))
-                want = sorted((role, child["pid"], child[f"{role}_fd"])
-                              for role in ("client", "server", "listener"))
-                return mine == want, mine
-
-            wait_for("rows with pid and fd", rows, timeout=10)
-        ids = programs_of(d.pid)
-        assert ids, "the daemon holds no BPF program"
-        print(f"daemon {d.pid} holds BPF programs {sorted(ids)}")
-        status = d.stop()
-        assert status == 0, d.stderr()
-    assert "Traceback" not in d.stderr(), d.stderr()
-    assert_programs_gone(ids)
-
-
 # -- 4. the negative control -----------------------------------------------------------------
 def test_without_perfmon_the_daemon_fails_in_one_line(runner, service_caps):
     assert "perfmon" in service_caps and "bpf" in service_caps
