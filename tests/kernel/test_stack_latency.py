@@ -218,9 +218,13 @@ def test_qdisc_wait_follows_a_tbf_rate_limit(probes: Probes, netns_pair, childre
     microseconds. Under tbf the wait must be what the queue the qdisc reports
     takes to drain at the configured rate: backlog / rate, sampled by the test
     while the transfer runs. TCP small queues keeps about two GSO segments per
-    socket below TCP, so the backlog is measured rather than assumed. Log2
-    slots are a factor of 2 wide and the backlog varies as packets leave: the
-    median must be within a factor of 4 of the prediction."""
+    socket below TCP, so the backlog is measured rather than assumed. By
+    Little's law the mean wait of the packets a busy queue holds is its mean
+    backlog over its drain rate; means, not medians, since the histogram's sum
+    is exact and a log2 median is only known to a factor of 2 (a median 4.4
+    times below the backlog's prediction once failed CI). The backlog is
+    sampled every 50 ms and packets differ in size, so the mean must be within
+    a factor of 2 of the prediction."""
     pair = netns_pair
     key = ("tx", "qdisc", netns_inode(pair.a), ifindex(pair.a, pair.veth_a))
 
@@ -249,11 +253,11 @@ def test_qdisc_wait_follows_a_tbf_rate_limit(probes: Probes, netns_pair, childre
     limited = minus(probes.stack_histograms()[key], free)
     busy = [b for b in samples if b]
     assert len(busy) > len(samples) // 2, samples
-    predicted = statistics.median(busy) * 8 / RATE_BPS
-    p50 = quantile_s(limited, 0.5)
+    predicted = statistics.fmean(busy) * 8 / RATE_BPS
+    mean = mean_s(limited)
     assert count(limited) >= 40  # sampled: each timed packet counts SAMPLE_EVERY (8) times
-    assert predicted / 4 <= p50 <= predicted * 4, (p50, predicted, limited)
-    assert p50 >= 2e-3, "a rate-limited queue must leave the microsecond range"
+    assert predicted / 2 <= mean <= predicted * 2, (mean, predicted, limited)
+    assert quantile_s(limited, 0.5) >= 2e-3, "a rate-limited queue must leave the microsecond range"
 
 
 # --------------------------------------------------------------------------------------
