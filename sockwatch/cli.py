@@ -3,6 +3,11 @@
 Every failure reaches the user as one line on stderr and a non-zero status:
 2 for bad arguments, 1 for everything else (no privileges, missing BPF
 objects, a hook that cannot attach). Never a traceback.
+
+Each command imports its views, the monitor and the HTTP client when it runs.
+The daemon starts loading its BPF programs (in a child, where the verifier
+takes about 0.2 s) before it imports the exporter, so the two overlap on a
+start that should take well under half a second.
 """
 
 from __future__ import annotations
@@ -15,23 +20,18 @@ import socket
 import sys
 import threading
 import time
-from typing import Sequence
-
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from sockwatch import __version__
 from sockwatch import config as configuration
-from sockwatch.client import DaemonClient
 from sockwatch.errors import NotPrivilegedError, SockwatchError, UsageError
 from sockwatch.kernel import features, loader
-from sockwatch.monitor import Monitor
-from sockwatch.views import fields
-from sockwatch.views import latency as latency_view
-from sockwatch.views import probes as probes_view
-from sockwatch.views import table as table_view
-from sockwatch.views import top_screen
-from sockwatch.views import trace as trace_view
-from sockwatch.views.filters import Filter
+from sockwatch.views import TOP_VIEWS
+
+if TYPE_CHECKING:
+    from sockwatch.views.filters import Filter
+    from sockwatch.views.trace import TracePrinter
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -142,6 +142,8 @@ def _interface(text: str) -> str:
 
 
 def _state(text: str) -> str:
+    from sockwatch.views import fields
+
     name = fields.normalize_state(text)
     if name is None:
         choices = ", ".join(sorted(fields.STATE_ALIASES))
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh period and rate window (default 2)")
     tp.add_argument("--once", action="store_true",
                     help="print one frame (rates over one interval) and exit")
-    tp.add_argument("--view", choices=top_screen.VIEWS, default="processes",
+    tp.add_argument("--view", choices=TOP_VIEWS, default="processes",
                     help="the view to start in (connections: of --pid, or the busiest)")
     tp.add_argument("--sort", metavar="COLUMN", help="column title to sort by, e.g. RX/s")
     tp.add_argument("--filter", default="", metavar="TEXT",
@@ -291,6 +293,8 @@ def _loader_config(args: argparse.Namespace) -> loader.LoaderConfig:
 
 def _filter(args: argparse.Namespace) -> Filter:
     """The --pid/--comm/--port/--state filter of table and trace."""
+    from sockwatch.views.filters import Filter
+
     return Filter(
         pids=frozenset(args.pid),
         comm=args.comm,
@@ -305,6 +309,10 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    from sockwatch.client import DaemonClient
+    from sockwatch.monitor import Monitor
+    from sockwatch.views import table as table_view
+
     flt = _filter(args)
     if args.url:
         client = DaemonClient(args.url)
@@ -335,7 +343,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def _trace_remote(args: argparse.Namespace, stop: threading.Event,
-                  printer: trace_view.TracePrinter) -> None:
+                  printer: TracePrinter) -> None:
+    from sockwatch.client import DaemonClient
+
     client = DaemonClient(args.url, timeout=10)
     flt = _filter(args)
     seq = client.get("/api/events", after=1 << 62)["seq"]  # start from now
@@ -350,6 +360,9 @@ def _trace_remote(args: argparse.Namespace, stop: threading.Event,
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from sockwatch.monitor import Monitor
+    from sockwatch.views import trace as trace_view
+
     stop = threading.Event()
     _stop_on_signals(stop)
     if args.url:
@@ -384,7 +397,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from sockwatch.views import top, top_source  # curses only for this command
+    from sockwatch.views import top, top_screen, top_source
 
     state = top_screen.UIState(view=args.view, filter=args.filter,
                                interval=args.interval, pid=args.pid[0] if args.pid else None)
@@ -431,10 +444,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"sockwatch: config OK ({cfg.source})")
         return 0
     require_bpf_privileges()
-    from sockwatch.daemon import Daemon, setup_logging  # imports prometheus_client
+    loading = loader.Loading(loader.LoaderConfig.from_settings(cfg["probes"]))
+    try:
+        from sockwatch.daemon import Daemon, setup_logging  # while the verifier works
 
-    setup_logging(args.log_level)
-    return Daemon(cfg, args.config).run()
+        setup_logging(args.log_level)
+        return Daemon(cfg, args.config, loading).run()
+    finally:
+        loading.cancel()  # a no-op once the daemon took the probes
 
 
 def _check_interface_exists(name: str | None) -> None:
@@ -449,6 +466,10 @@ def _check_interface_exists(name: str | None) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    from sockwatch.client import DaemonClient
+    from sockwatch.monitor import Monitor
+    from sockwatch.views import latency as latency_view
+
     if args.url:
         report = DaemonClient(args.url).get("/api/latency")
     else:
@@ -470,6 +491,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
+    from sockwatch.views import probes as probes_view
+
     objects = loader.default_objects_dir()
     probe_obj = objects / "probe.bpf.o"
     if not probe_obj.exists():

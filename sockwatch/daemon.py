@@ -22,7 +22,7 @@ from sockwatch.errors import SockwatchError
 from sockwatch.exporters.api import EventLog, build_routes
 from sockwatch.exporters.http import BasicAuth, HttpServer
 from sockwatch.exporters.metrics import SockwatchCollector, build_registry
-from sockwatch.kernel.loader import LoaderConfig
+from sockwatch.kernel.loader import LoaderConfig, Loading
 from sockwatch.monitor import Monitor
 
 log = logging.getLogger("sockwatch")
@@ -52,26 +52,22 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-def loader_config(cfg: configuration.Config) -> LoaderConfig:
-    p = cfg["probes"]
-    return LoaderConfig(attach_mode=p["attach"], precise_accept=p["precise_accept"],
-                        socks_max_entries=p["socks_max_entries"], ringbuf_bytes=p["ringbuf_bytes"],
-                        stack_latency=p["stack_latency"])
-
-
 def _auth(cfg: configuration.Config) -> BasicAuth | None:
     users = cfg["web"]["basic_auth_users"]
     return BasicAuth(users) if users else None
 
 
 class Daemon:
-    def __init__(self, cfg: configuration.Config, config_path: Path | None):
+    def __init__(self, cfg: configuration.Config, config_path: Path | None, loading: Loading):
+        """``loading``: the probes being loaded for ``cfg`` (started before this
+        module was imported, see cli.cmd_daemon)."""
         self.cfg = cfg
         self.config_path = config_path
+        self._loading = loading
         t = cfg["tables"]
         m = cfg["metrics"]
-        self.monitor = Monitor(loader_config(cfg), closed_capacity=t["closed_capacity"],
-                               max_live=t["max_connections"])
+        self.monitor = Monitor(LoaderConfig.from_settings(cfg["probes"]),
+                               closed_capacity=t["closed_capacity"], max_live=t["max_connections"])
         self.collector = SockwatchCollector(self.monitor, m["per_connection"],
                                             m["per_connection_limit"], m["top_processes"],
                                             m["top_ports"], m["top_interfaces"])
@@ -123,7 +119,7 @@ class Daemon:
             signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
         try:
-            self.monitor.start()
+            self.monitor.start(self._loading)
             host, port = self.cfg.listen_host_port
             tls = self.cfg["web"]["tls_server_config"]
             listen = self.cfg["listen"]

@@ -97,8 +97,10 @@ class Monitor:
         self.socks_evicted = 0
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self) -> None:
-        self.probes = loader.load(self.cfg, self._objects_dir)
+    def start(self, loading: loader.Loading | None = None) -> None:
+        """Attach (or take the probes ``loading`` is attaching for this config) and
+        fill the table from a kernel walk."""
+        self.probes = (loading or loader.Loading(self.cfg, self._objects_dir)).probes()
         self._reader = EventReader(self.probes)
         self.started_ns = time.monotonic_ns()
         self.reconcile()

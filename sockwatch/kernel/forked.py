@@ -22,7 +22,7 @@ import pickle
 import signal
 import socket
 import traceback
-from typing import Callable, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from sockwatch.errors import SockwatchError
 
@@ -88,38 +88,62 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return message, list(fds)
 
 
-def call_in_child(fn: Callable[[], tuple[T, list[int]]]) -> tuple[T, dict[int, int]]:
-    """Run ``fn`` in a forked child; it returns (value, the fds value refers to).
+class InChild(Generic[T]):
+    """``fn`` running in a forked child: the parent goes on with other work until
+    it asks for the ``result``. ``fn`` returns (value, the fds value refers to).
 
-    Returns ``value`` and a map from each of the child's fd numbers to the
-    parent's copy of that fd (close-on-exec). An exception raised by ``fn`` is
-    raised here. Call it while the process has no other threads that hold
-    locks the child could need (at start, before any are started).
+    Start it while the process has no other threads that hold locks the child
+    could need (at start, before any are started).
     """
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        mine.close()
-        _child(fn, theirs, parent)
-    theirs.close()
-    try:
-        message, fds = _receive(mine)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)  # its fds close with it: nothing stays attached
-        raise
-    finally:
-        mine.close()
-        _, status = os.waitpid(pid, 0)
-    if not message:
-        raise ChildFailed(f"the loading process ended without an answer "
-                          f"({_describe(status)})")
-    ok, value, child_fds = pickle.loads(message)
-    if not ok:
-        raise value
-    if len(fds) != len(child_fds):
-        for fd in fds:
-            os.close(fd)
-        raise ChildFailed(f"the loading process sent {len(fds)} of {len(child_fds)} fds")
-    return value, dict(zip(child_fds, fds))
+
+    def __init__(self, fn: Callable[[], tuple[T, list[int]]]):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            mine.close()
+            _child(fn, theirs, parent)
+        theirs.close()
+        self._sock: socket.socket | None = mine
+        self._pid = pid
+
+    def result(self) -> tuple[T, dict[int, int]]:
+        """Wait for the child; returns (value, the fds value refers to).
+
+        Returns ``value`` and a map from each of the child's fd numbers to the
+        parent's copy of that fd (close-on-exec). An exception raised by ``fn`` is
+        raised here. Once only.
+        """
+        if self._sock is None:
+            raise ChildFailed("the child's answer was taken or dropped already")
+        try:
+            message, fds = _receive(self._sock)
+        except BaseException:
+            self.cancel()
+            raise
+        status = self._reap()
+        if not message:
+            raise ChildFailed(f"the loading process ended without an answer "
+                              f"({_describe(status)})")
+        ok, value, child_fds = pickle.loads(message)
+        if not ok:
+            raise value
+        if len(fds) != len(child_fds):
+            for fd in fds:
+                os.close(fd)
+            raise ChildFailed(f"the loading process sent {len(fds)} of {len(child_fds)} fds")
+        return value, dict(zip(child_fds, fds))
+
+    def cancel(self) -> None:
+        """Drop the step: kill the child (its fds close with it, so nothing it
+        attached stays) and reap it. Nothing happens once the result was taken."""
+        if self._sock is not None:
+            os.kill(self._pid, signal.SIGKILL)
+            self._reap()
+
+    def _reap(self) -> int:
+        assert self._sock is not None
+        self._sock.close()  # fds still in flight close with it
+        self._sock = None
+        return os.waitpid(self._pid, 0)[1]
 

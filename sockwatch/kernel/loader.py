@@ -27,12 +27,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from sockwatch import records
 from sockwatch.errors import AttachError, BpfObjectError
 from sockwatch.kernel import features as feat
-from sockwatch.kernel.forked import call_in_child
+from sockwatch.kernel.forked import InChild
 from sockwatch.kernel.libbpf import (
     BpfObject,
     LibbpfError,
@@ -129,6 +129,13 @@ class LoaderConfig:
     # True: try every attach type for the report (``sockwatch probes``), not only
     # those the plan may pick
     probe_every_type: bool = False
+
+    @classmethod
+    def from_settings(cls, probes: Mapping[str, Any]) -> "LoaderConfig":
+        """From the ``[probes]`` section of the daemon's config (sockwatch.config)."""
+        return cls(attach_mode=probes["attach"], precise_accept=probes["precise_accept"],
+                   socks_max_entries=probes["socks_max_entries"],
+                   ringbuf_bytes=probes["ringbuf_bytes"], stack_latency=probes["stack_latency"])
 
 
 @dataclass(frozen=True)
@@ -579,18 +586,31 @@ def _close_all(handover: Handover) -> None:
         os.close(fd)
 
 
-def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
-    """Probe the kernel, load the lifecycle object with the chosen variants, attach.
+class Loading:
+    """A load under way in a short-lived child (see forked.py), which hands the
+    fds over: libbpf's parse of the kernel's BTF, the largest allocation of a
+    start, never lands in this process. Meanwhile this process is free: the
+    daemon imports its exporter while the verifier checks the programs."""
 
-    All of it runs in a short-lived child (see forked.py), which hands the fds
-    over: libbpf's parse of the kernel's BTF, the largest allocation of a start,
-    never lands in this process.
-    """
-    paths = _objects(objects_dir or default_objects_dir())
-    handover, fds = call_in_child(lambda: _load_here(cfg, paths))
-    handover = handover.renumbered(fds)
-    try:
-        return Probes(handover)
-    except BaseException:
-        _close_all(handover)
-        raise
+    def __init__(self, cfg: LoaderConfig, objects_dir: Path | None = None):
+        paths = _objects(objects_dir or default_objects_dir())
+        self._child = InChild(lambda: _load_here(cfg, paths))
+
+    def probes(self) -> Probes:
+        """Wait for the child: the attached probes, or its error raised here."""
+        handover, fds = self._child.result()
+        handover = handover.renumbered(fds)
+        try:
+            return Probes(handover)
+        except BaseException:
+            _close_all(handover)
+            raise
+
+    def cancel(self) -> None:
+        """Give the load up; nothing it attached stays. A no-op once ``probes`` ran."""
+        self._child.cancel()
+
+
+def load(cfg: LoaderConfig, objects_dir: Path | None = None) -> Probes:
+    """Probe the kernel, load the lifecycle object with the chosen variants, attach."""
+    return Loading(cfg, objects_dir).probes()

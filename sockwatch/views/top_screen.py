@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from sockwatch.views import TOP_VIEWS
 from sockwatch.views.top_model import Frame
 
 INTERVALS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
-VIEWS = ("processes", "connections", "listeners", "latency")
 Segment = tuple[str, str]  # (text, style): "" plain, title, head, sort, sel, key, dim
 Line = list[Segment]
 
@@ -378,11 +378,11 @@ def _header(frame: Frame | None, source: str, state: UIState, width: int) -> lis
 def _view_bar(frame: Frame | None, state: UIState, n: int) -> Line:
     """The views with their keys (the current one in brackets), then what is applied."""
     tabs = []
-    for i, name in enumerate(VIEWS, 1):
+    for i, name in enumerate(TOP_VIEWS, 1):
         if name == "connections" and state.view == name and frame is not None:
             proc = next((p for p in frame.processes if p.pid == state.pid), None)
             name = f"{state.pid} {proc.process}" if proc else f"{state.pid} (gone)"
-        tabs.append(f"[{i}:{name}]" if VIEWS[i - 1] == state.view else f"{i}:{name}")
+        tabs.append(f"[{i}:{name}]" if TOP_VIEWS[i - 1] == state.view else f"{i}:{name}")
     bar = " ".join(tabs)
     if state.filter or state.editing:  # before the rest: it must show in 80 columns
         bar += f"  filter: {state.filter}" + ("_" if state.editing else "")

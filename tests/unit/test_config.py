@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from sockwatch import config, daemon
+from sockwatch import config
+from sockwatch.kernel.loader import LoaderConfig
 from sockwatch.errors import UsageError
 
 
 def test_stack_latency_defaults_on():
     cfg = config.build({})
     assert cfg["probes"]["stack_latency"] is True
-    assert daemon.loader_config(cfg).stack_latency is True
+    assert LoaderConfig.from_settings(cfg["probes"]).stack_latency is True
 
 
 def test_stack_latency_off_reaches_the_loader():
     cfg = config.build({"probes": {"stack_latency": False}})
-    assert daemon.loader_config(cfg).stack_latency is False
+    assert LoaderConfig.from_settings(cfg["probes"]).stack_latency is False
 
 
 @pytest.mark.parametrize("body, needles", [

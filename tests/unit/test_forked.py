@@ -1,4 +1,4 @@
-"""forked.call_in_child: a step run in a forked child, its fds handed back.
+"""forked.InChild: a step run in a forked child, its fds handed back.
 
 The loader runs libbpf there so that the kernel BTF it parses never lands in the
 daemon's memory; these check the hand-over itself, without BPF or privileges.
@@ -27,7 +27,7 @@ def _pipes() -> tuple[dict[str, int], list[int]]:
 
 
 def test_fds_opened_in_the_child_are_the_parents_after_it_exits():
-    ends, fds = forked.call_in_child(_pipes)
+    ends, fds = forked.InChild(_pipes).result()
     try:
         assert ends["pid"] != os.getpid()
         with pytest.raises(ChildProcessError):
@@ -47,7 +47,7 @@ def _refuse() -> tuple[None, list[int]]:
 
 def test_an_error_in_the_child_is_raised_in_the_parent_whole():
     with pytest.raises(AttachError) as err:
-        forked.call_in_child(_refuse)
+        forked.InChild(_refuse).result()
     assert str(err.value).splitlines() == ["the kernel's verifier rejected program 'x'",
                                            "R1 invalid mem access"]
 
@@ -63,7 +63,7 @@ def _raise_unpicklable() -> tuple[None, list[int]]:
 
 def test_an_error_that_cannot_cross_is_described_with_its_traceback():
     with pytest.raises(forked.ChildFailed) as err:
-        forked.call_in_child(_raise_unpicklable)
+        forked.InChild(_raise_unpicklable).result()
     assert "_Unpicklable: deep in the loader" in str(err.value)
     assert "_raise_unpicklable" in str(err.value)
 
@@ -75,7 +75,7 @@ def _die() -> tuple[None, list[int]]:
 
 def test_a_child_that_dies_without_answering_is_an_error_not_a_hang():
     with pytest.raises(forked.ChildFailed, match="killed by SIGKILL"):
-        forked.call_in_child(_die)
+        forked.InChild(_die).result()
 
 
 def _running(pid: int) -> bool:
@@ -100,7 +100,7 @@ def test_the_child_dies_with_its_parent():
             return None, []
 
         try:
-            forked.call_in_child(report_and_wait)
+            forked.InChild(report_and_wait).result()
         finally:
             os._exit(0)
     os.close(w)
@@ -113,3 +113,26 @@ def test_the_child_dies_with_its_parent():
             return
         time.sleep(0.01)
     pytest.fail(f"loading child {child} outlived its parent")
+
+
+def test_a_cancelled_child_is_killed_and_reaped_and_its_fds_never_arrive():
+    """The daemon starts loading before it imports the exporter; if it fails in
+    between, the child and what it opened must go."""
+    r, w = os.pipe()
+
+    def report_and_wait() -> tuple[None, list[int]]:
+        os.write(w, f"{os.getpid()}\n".encode())
+        signal.pause()
+        return None, []
+
+    step = forked.InChild(report_and_wait)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = int(f.readline())
+    open_before = set(os.listdir("/proc/self/fd"))
+    step.cancel()
+    assert not os.path.exists(f"/proc/{child}")  # killed and reaped, no zombie
+    assert set(os.listdir("/proc/self/fd")) <= open_before
+    with pytest.raises(forked.ChildFailed, match="taken or dropped"):
+        step.result()
+    step.cancel()  # once is enough; again does nothing

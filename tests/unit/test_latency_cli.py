@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from recfactory import event
-from sockwatch import cli, latency, records
+from sockwatch import cli, latency, monitor, records
 from sockwatch.errors import SockwatchError
 from sockwatch.records import Role
 from sockwatch.tables import Connection
@@ -200,14 +200,14 @@ def test_unreachable_url_is_one_line(capsys):
 
 def test_standalone_unknown_interface_fails_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(cli, "Monitor", lambda *a, **k: pytest.fail("probes loaded"))
+    monkeypatch.setattr(monitor, "Monitor", lambda *a, **k: pytest.fail("probes loaded"))
     assert cli.main(["latency", "--interface", "nosuchif0"]) == 2
     assert "no interface named 'nosuchif0'" in _one_error_line(capsys)
 
 
 def test_interface_without_stack_probes_fails_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(cli, "Monitor", lambda *a, **k: pytest.fail("probes loaded"))
+    monkeypatch.setattr(monitor, "Monitor", lambda *a, **k: pytest.fail("probes loaded"))
     assert cli.main(["latency", "--interface", "lo", "--no-stack-latency"]) == 2
     assert "--no-stack-latency" in _one_error_line(capsys)
 

@@ -194,7 +194,7 @@ def screen_text(frame, state, width, height):
     return lines, screen.plain(lines).splitlines()
 
 
-@pytest.mark.parametrize("view", screen.VIEWS)
+@pytest.mark.parametrize("view", screen.TOP_VIEWS)
 def test_every_view_fits_80x24(view):
     _, second = two_frames()
     st = screen.UIState(view=view, pid=100)
@@ -246,7 +246,7 @@ def test_selection_scrolls_and_stays_on_screen():
     assert st.top["processes"] > 0
 
 
-@pytest.mark.parametrize("view", screen.VIEWS)
+@pytest.mark.parametrize("view", screen.TOP_VIEWS)
 def test_help_and_column_help_fit_80x24(view):
     _, second = two_frames()
     lines, text = screen_text(second, screen.UIState(help=1, view=view), 80, 24)
