@@ -378,10 +378,21 @@ class Recorder:
             if len(found) >= count or time.monotonic() > deadline:
                 break
             time.sleep(IDLE_S / 2)
+        if kind == Kind.CLOSE and len(found) < count and not self.in_kernel(match):
+            raise CloseNeverSeen(f"expected {count} CLOSE records, got {len(found)}, and the "
+                                 "kernel has no such socket any more")
         assert len(found) == count, (
             f"expected {count} {kind.name} records, got {found}; {self.monitor.loss()}"
         )
         return found
+
+    def in_kernel(self, match: Callable[[ConnEvent], bool]) -> bool:
+        """A socket the kernel's own walk finds now matches."""
+        assert self.monitor.probes is not None
+        raw = b"".join(self.monitor.probes.snapshot_chunks())
+        size = records.EVENT_SIZE
+        return any(map(match, map(records.decode, (raw[i : i + size]
+                                                   for i in range(0, len(raw), size)))))
 
 
 class RecordsLost(Exception):
@@ -391,7 +402,8 @@ class RecordsLost(Exception):
 class CloseNeverSeen(RecordsLost):
     """A socket left the kernel without its close reaching any hook: the rare gap
     the README lists under known limits (about one orphaned FIN_WAIT close in a
-    thousand). Its repair is checked where it happens; the attempt is no verdict."""
+    thousand). Where a test holds the row, its repair is checked too; the attempt
+    is no verdict."""
 
 
 def lost(monitor: Monitor) -> int:
@@ -426,17 +438,22 @@ def loss_guarded(monitor: Monitor) -> Callable[[Callable[[int], None]], Callable
 
 
 def with_retries(spawn: Spawner, attempt: Callable[[int], None]) -> None:
-    """Run ``attempt(i)``, again only if an attempt raised RecordsLost."""
-    why = []
+    """Run ``attempt(i)``, again only if an attempt raised RecordsLost. A close
+    missed in every attempt is no rare gap but a failure."""
+    why, unseen = [], 0
     for i in range(ATTEMPTS):
         try:
             attempt(i)
             return
         except RecordsLost as exc:
             why.append(str(exc).splitlines()[0][:300])
+            unseen += isinstance(exc, CloseNeverSeen)
             warnings.warn(f"attempt {i + 1} inconclusive, {why[-1]}", stacklevel=2)
             spawn.kill_all()
-    pytest.skip(f"no conclusive attempt in {ATTEMPTS} (records lost or a close never seen): {why}")
+    if unseen == ATTEMPTS:
+        pytest.fail(f"closes never seen in all {ATTEMPTS} attempts: {why}")
+    pytest.skip(f"host too busy: ring buffer overflowed in {ATTEMPTS - unseen} of {ATTEMPTS} "
+                f"attempts: {why}")
 
 
 # --------------------------------------------------------------------------------------
@@ -824,6 +841,66 @@ def preexisting_pair(
     return server, client, listening, accepted, connected
 
 
+class Closing:
+    """Waits for sockets that predate the monitor to leave its live table by their
+    CLOSE records, poll() alone (no reconciliation). ``ours``: name -> (sock
+    address, alive_since_ns), since the kernel reuses addresses quickly."""
+
+    def __init__(self, mon: Monitor, ours: dict[str, tuple[int, int]]):
+        self.mon, self.ours = mon, ours
+
+    def is_ours(self, name: str, conn: Connection) -> bool:
+        return (conn.key, conn.alive_since_ns) == self.ours[name]
+
+    def still_live(self, name: str) -> bool:
+        conn = self.mon.table.live.get(self.ours[name][0])
+        return conn is not None and self.is_ours(name, conn)
+
+    def in_kernel(self, name: str) -> bool:
+        """The kernel's own walk still finds the socket (our incarnation of it)."""
+        raw = b"".join(self.mon.probes.snapshot_chunks())
+        size = records.EVENT_SIZE
+        key, alive = self.ours[name]
+        return any(ev.skaddr == key and ev.open_ns <= alive
+                   for ev in map(records.decode, (raw[i : i + size]
+                                                  for i in range(0, len(raw), size))))
+
+    def wait_gone(self, names: list[str]) -> None:
+        """Rarely the kernel keeps an orphaned FIN_WAIT2 socket whole until its
+        timer fires (tcp_fin_timeout) instead of turning it into a TIME_WAIT sock
+        at once; there is no CLOSE record to apply before then. The kernel's walk
+        tells that case apart from a CLOSE we missed, and the wait is stretched to
+        the timeout once. A close that never reached our hooks (README, known
+        limits) must have been repaired; the attempt is then retried."""
+        mon = self.mon
+        deadline = time.monotonic() + DEADLINE_S
+        stretched = False
+        while True:
+            while any(map(self.still_live, names)) and time.monotonic() < deadline:
+                mon.poll()
+                time.sleep(IDLE_S / 2)
+            still = [n for n in names if self.still_live(n)]
+            if stretched or not still or not all(map(self.in_kernel, still)):
+                break
+            with open("/proc/sys/net/ipv4/tcp_fin_timeout") as f:
+                deadline = time.monotonic() + int(f.read()) + DEADLINE_S
+            stretched = True
+            warnings.warn(f"{still} still open in the kernel: waiting for its timer",
+                          stacklevel=2)
+        # The known gap. A row whose address a new socket took was retired by the
+        # table's ordering rules already; any other a reconciliation repairs.
+        unseen = [n for n in still if not self.in_kernel(n)]
+        if unseen:
+            mon.reconcile()
+            assert not any(map(self.still_live, unseen)), unseen
+        repaired = [n for n in names if any(c.reconciled and self.is_ours(n, c)
+                                            for c in mon.table.recently_closed())]
+        assert set(unseen) <= set(repaired), (unseen, repaired)
+        if repaired:
+            raise CloseNeverSeen(f"{repaired} closed without a CLOSE record; repaired")
+        assert not still, f"{still} still live in the kernel after its timer; {mon.loss()}"
+
+
 def test_connections_opened_before_start(spawn: Spawner) -> None:
     """Sockets opened before sockwatch started were never seen opening: the
     iter/tcp seed finds them and /proc names their owners and fds. When they
@@ -867,69 +944,20 @@ def test_connections_opened_before_start(spawn: Spawner) -> None:
         # a row is "ours" only with our key and our incarnation's alive_since_ns.
         ours = {name: (row.key, row.alive_since_ns) for name, row in rows.items()}
 
-        def is_ours(name: str, conn: Connection) -> bool:
-            return (conn.key, conn.alive_since_ns) == ours[name]
+        closing = Closing(mon, ours)
+        is_ours, wait_gone = closing.is_ours, closing.wait_gone
 
-        def still_live(name: str) -> bool:
-            conn = mon.table.live.get(ours[name][0])
-            return conn is not None and is_ours(name, conn)
-
-        def in_kernel(name: str) -> bool:
-            """The kernel's own walk still finds the socket (our incarnation of it)."""
-            raw = b"".join(mon.probes.snapshot_chunks())
-            size = records.EVENT_SIZE
-            return any(ev.skaddr == ours[name][0] and ev.open_ns <= ours[name][1]
-                       for ev in map(records.decode, (raw[i : i + size]
-                                                      for i in range(0, len(raw), size))))
-
-        def wait_gone(names: list[str]) -> None:
-            """poll() alone (no reconciliation) must apply the CLOSE records.
-
-            Rarely the kernel keeps an orphaned FIN_WAIT2 socket whole until its
-            timer fires (tcp_fin_timeout) instead of turning it into a TIME_WAIT
-            sock at once; there is no CLOSE record to apply before then. The
-            kernel's walk tells that case apart from a CLOSE we missed, and the
-            wait is stretched to the timeout once. A close that never reached our
-            hooks (README, known limits) must have been repaired; the attempt is
-            then retried."""
-            deadline = time.monotonic() + DEADLINE_S
-            stretched = False
-            while True:
-                while any(map(still_live, names)) and time.monotonic() < deadline:
-                    mon.poll()
-                    time.sleep(IDLE_S / 2)
-                still = [n for n in names if still_live(n)]
-                if stretched or not still or not all(map(in_kernel, still)):
-                    break
-                with open("/proc/sys/net/ipv4/tcp_fin_timeout") as f:
-                    deadline = time.monotonic() + int(f.read()) + DEADLINE_S
-                stretched = True
-                warnings.warn(f"{still} still open in the kernel: waiting for its timer",
-                              stacklevel=2)
-            # The known gap. A row whose address a new socket took was retired by
-            # the table's ordering rules already; any other a reconciliation repairs.
-            unseen = [n for n in still if not in_kernel(n)]
-            if unseen:
-                mon.reconcile()
-                assert not any(map(still_live, unseen)), unseen
-            repaired = [n for n in names if any(c.reconciled and is_ours(n, c)
-                                                for c in mon.table.recently_closed())]
-            assert set(unseen) <= set(repaired), (unseen, repaired)
-            if repaired:
-                raise CloseNeverSeen(f"{repaired} closed without a CLOSE record; repaired")
-            assert not still, f"{still} still live in the kernel after its timer; {mon.loss()}"
-
-        assert all(map(in_kernel, ours))
+        assert all(map(closing.in_kernel, ours))
         client.send("close")
         client.expect("closed")
         client.finish()
         wait_gone(["client"])
-        assert still_live("server") and still_live("listener")
+        assert closing.still_live("server") and closing.still_live("listener")
         server.send("close")
         server.expect("closed")
         server.finish()
         wait_gone(["server", "listener"])
-        assert not any(map(in_kernel, ours))
+        assert not any(map(closing.in_kernel, ours))
 
         gone = mon.table.recently_closed()
         closed = {name: [c for c in gone if is_ours(name, c)] for name in ours}
@@ -953,26 +981,25 @@ def test_connections_opened_before_start(spawn: Spawner) -> None:
 def test_closed_row_of_preexisting_connection_keeps_its_tuple(spawn: Spawner) -> None:
     """A connection that predates the monitor, once closed, is still reported
     (recently_closed, `table` closed rows, trace) with the tuple and inode it had."""
-    _, client, _, _, cli = preexisting_pair(spawn, 1, 1)
-    mon = Monitor(LoaderConfig(), closed_capacity=1 << 20)
-    mon.start()
-    try:
-        row = find_row(mon.connections(), cli["local"], cli["peer"])
-        ino = socket_inode(client.pid, cli["fd"])
-        client.send("close")
-        client.expect("closed")
-        client.finish()
-        deadline = time.monotonic() + DEADLINE_S
-        closed: list[Connection] = []
-        while not closed and time.monotonic() < deadline:
-            mon.poll()
-            closed = [
-                c for c in mon.table.recently_closed()
-                if (c.key, c.alive_since_ns) == (row.key, row.alive_since_ns)
-            ]  # fmt: skip
-            time.sleep(IDLE_S / 2)
-        assert len(closed) == 1 and not closed[0].reconciled, mon.loss()
-        assert closed[0].tgid == client.pid
-        assert (closed[0].ev.sport, closed[0].ev.ino) == (cli["local"][1], ino), closed[0].ev
-    finally:
-        mon.close()
+
+    def attempt(_: int) -> None:
+        _, client, _, _, cli = preexisting_pair(spawn, 1, 1)
+        mon = Monitor(LoaderConfig(), closed_capacity=1 << 20)
+        mon.start()
+        try:
+            with loss_guard(mon):
+                row = find_row(mon.connections(), cli["local"], cli["peer"])
+                ino = socket_inode(client.pid, cli["fd"])
+                closing = Closing(mon, {"client": (row.key, row.alive_since_ns)})
+                client.send("close")
+                client.expect("closed")
+                client.finish()
+                closing.wait_gone(["client"])
+                closed = [c for c in mon.table.recently_closed() if closing.is_ours("client", c)]
+                assert len(closed) == 1 and not closed[0].reconciled, mon.loss()
+                assert closed[0].tgid == client.pid
+                assert (closed[0].ev.sport, closed[0].ev.ino) == (cli["local"][1], ino), closed[0].ev
+        finally:
+            mon.close()
+
+    with_retries(spawn, attempt)
