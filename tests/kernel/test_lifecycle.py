@@ -347,6 +347,14 @@ def assert_states(ev: ConnEvent, entered: list[int], never: list[int]) -> None:
     assert [ev.state_ns[s] for s in never] == [0] * len(never), ev.state_ns
 
 
+def kernel_sockets(mon: Monitor) -> list[ConnEvent]:
+    """Every TCP socket of our namespace as the kernel's own walk finds it now."""
+    assert mon.probes is not None
+    raw = b"".join(mon.probes.snapshot_chunks())
+    size = records.EVENT_SIZE
+    return [records.decode(raw[i : i + size]) for i in range(0, len(raw), size)]
+
+
 class Recorder:
     """Drains the monitor often and keeps the records that concern this test:
     those carrying its children's pids or touching its ports (either end), so a
@@ -378,21 +386,14 @@ class Recorder:
             if len(found) >= count or time.monotonic() > deadline:
                 break
             time.sleep(IDLE_S / 2)
-        if kind == Kind.CLOSE and len(found) < count and not self.in_kernel(match):
+        if kind == Kind.CLOSE and len(found) < count and not any(
+                map(match, kernel_sockets(self.monitor))):
             raise CloseNeverSeen(f"expected {count} CLOSE records, got {len(found)}, and the "
                                  "kernel has no such socket any more")
         assert len(found) == count, (
             f"expected {count} {kind.name} records, got {found}; {self.monitor.loss()}"
         )
         return found
-
-    def in_kernel(self, match: Callable[[ConnEvent], bool]) -> bool:
-        """A socket the kernel's own walk finds now matches."""
-        assert self.monitor.probes is not None
-        raw = b"".join(self.monitor.probes.snapshot_chunks())
-        size = records.EVENT_SIZE
-        return any(map(match, map(records.decode, (raw[i : i + size]
-                                                   for i in range(0, len(raw), size)))))
 
 
 class RecordsLost(Exception):
@@ -858,12 +859,8 @@ class Closing:
 
     def in_kernel(self, name: str) -> bool:
         """The kernel's own walk still finds the socket (our incarnation of it)."""
-        raw = b"".join(self.mon.probes.snapshot_chunks())
-        size = records.EVENT_SIZE
         key, alive = self.ours[name]
-        return any(ev.skaddr == key and ev.open_ns <= alive
-                   for ev in map(records.decode, (raw[i : i + size]
-                                                  for i in range(0, len(raw), size))))
+        return any(ev.skaddr == key and ev.open_ns <= alive for ev in kernel_sockets(self.mon))
 
     def wait_gone(self, names: list[str]) -> None:
         """Rarely the kernel keeps an orphaned FIN_WAIT2 socket whole until its
