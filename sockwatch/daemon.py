@@ -22,7 +22,7 @@ from sockwatch.errors import SockwatchError
 from sockwatch.exporters.api import EventLog, build_routes
 from sockwatch.exporters.http import BasicAuth, HttpServer
 from sockwatch.exporters.metrics import SockwatchCollector, build_registry
-from sockwatch.kernel.loader import LoaderConfig, Loading
+from sockwatch.kernel.loader import Loading
 from sockwatch.monitor import Monitor
 
 log = logging.getLogger("sockwatch")
@@ -66,8 +66,8 @@ class Daemon:
         self._loading = loading
         t = cfg["tables"]
         m = cfg["metrics"]
-        self.monitor = Monitor(LoaderConfig.from_settings(cfg["probes"]),
-                               closed_capacity=t["closed_capacity"], max_live=t["max_connections"])
+        self.monitor = Monitor(loading.cfg, closed_capacity=t["closed_capacity"],
+                               max_live=t["max_connections"])
         self.collector = SockwatchCollector(self.monitor, m["per_connection"],
                                             m["per_connection_limit"], m["top_processes"],
                                             m["top_ports"], m["top_interfaces"])

@@ -166,7 +166,7 @@ class Row:
 def _closed_row(stored: bytes | bytearray, so: int, alive: int, flags: int, name: str | None,
                 raw: bytes, ts: int, netns: int, tgid: int, fd: int, attrib: int) -> Row:
     """The closed row of a socket from its CLOSE record and the record we stored for
-    it (at ``so`` in ``stored``; its /proc ``name``, if any): the record's owner if
+    it (at ``so`` in ``stored``; its resolved ``name``, if any): the record's owner if
     a task made it (or we knew none), else ours with its name; a known fd stays."""
     s_tgid, s_fd, s_attrib = _owner(stored, so)
     takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)

@@ -593,6 +593,7 @@ class Loading:
     daemon imports its exporter while the verifier checks the programs."""
 
     def __init__(self, cfg: LoaderConfig, objects_dir: Path | None = None):
+        self.cfg = cfg
         paths = _objects(objects_dir or default_objects_dir())
         self._child = InChild(lambda: _load_here(cfg, paths))
 

@@ -842,6 +842,19 @@ def preexisting_pair(
     return server, client, listening, accepted, connected
 
 
+@contextlib.contextmanager
+def monitor_started_now() -> Iterator[Monitor]:
+    """A monitor started after the test's sockets exist, with room for every close
+    on the host meanwhile (other tests may be busy), judged by loss_guard."""
+    mon = Monitor(LoaderConfig(), closed_capacity=1 << 20)
+    mon.start()
+    try:
+        with loss_guard(mon):
+            yield mon
+    finally:
+        mon.close()
+
+
 class Closing:
     """Waits for sockets that predate the monitor to leave its live table by their
     CLOSE records, poll() alone (no reconciliation). ``ours``: name -> (sock
@@ -900,20 +913,14 @@ class Closing:
 
 def test_connections_opened_before_start(spawn: Spawner) -> None:
     """Sockets opened before sockwatch started were never seen opening: the
-    iter/tcp seed finds them and /proc names their owners and fds. When they
+    iter/tcp seed finds them and iter/task_file names their owners and fds. When they
     close, the (untracked) CLOSE records must take them out of the live table
     by themselves, without waiting for a reconciliation."""
 
     def attempt(_: int) -> None:
         server, client, listening, srv, cli = preexisting_pair(spawn, 10, 20)
-        # Room for every close on the host meanwhile: other tests may be busy.
-        mon = Monitor(LoaderConfig(), closed_capacity=1 << 20)
-        mon.start()
-        try:
-            with loss_guard(mon):
-                check(mon, server, client, listening, srv, cli)
-        finally:
-            mon.close()
+        with monitor_started_now() as mon:
+            check(mon, server, client, listening, srv, cli)
 
     def check(
         mon: Monitor, server: Child, client: Child, listening: dict, srv: dict, cli: dict
@@ -981,22 +988,17 @@ def test_closed_row_of_preexisting_connection_keeps_its_tuple(spawn: Spawner) ->
 
     def attempt(_: int) -> None:
         _, client, _, _, cli = preexisting_pair(spawn, 1, 1)
-        mon = Monitor(LoaderConfig(), closed_capacity=1 << 20)
-        mon.start()
-        try:
-            with loss_guard(mon):
-                row = find_row(mon.connections(), cli["local"], cli["peer"])
-                ino = socket_inode(client.pid, cli["fd"])
-                closing = Closing(mon, {"client": (row.key, row.alive_since_ns)})
-                client.send("close")
-                client.expect("closed")
-                client.finish()
-                closing.wait_gone(["client"])
-                closed = [c for c in mon.table.recently_closed() if closing.is_ours("client", c)]
-                assert len(closed) == 1 and not closed[0].reconciled, mon.loss()
-                assert closed[0].tgid == client.pid
-                assert (closed[0].ev.sport, closed[0].ev.ino) == (cli["local"][1], ino), closed[0].ev
-        finally:
-            mon.close()
+        with monitor_started_now() as mon:
+            row = find_row(mon.connections(), cli["local"], cli["peer"])
+            ino = socket_inode(client.pid, cli["fd"])
+            closing = Closing(mon, {"client": (row.key, row.alive_since_ns)})
+            client.send("close")
+            client.expect("closed")
+            client.finish()
+            closing.wait_gone(["client"])
+            closed = [c for c in mon.table.recently_closed() if closing.is_ours("client", c)]
+            assert len(closed) == 1 and not closed[0].reconciled, mon.loss()
+            assert closed[0].tgid == client.pid
+            assert (closed[0].ev.sport, closed[0].ev.ino) == (cli["local"][1], ino), closed[0].ev
 
     with_retries(spawn, attempt)
