@@ -393,6 +393,12 @@ class Probes:
         return sum(program_info(a.prog_fd).recursion_misses for a in self._attached
                    if not a.stack and a.program not in _TWIN_PROGRAMS)
 
+    def program_runs(self) -> dict[str, tuple[int, int]]:
+        """Per attached program: (runs, runs the kernel skipped as recursion). Runs are
+        counted only while kernel.bpf_stats_enabled is 1 (bench/missed_closes.py)."""
+        infos = {a.program: program_info(a.prog_fd) for a in self._attached}
+        return {name: (i.run_cnt, i.recursion_misses) for name, i in infos.items()}
+
     def totals(self) -> dict[records.TotalKey, int]:
         """The kernel's running totals (connects, accepts, bytes) by task name."""
         raw = read_hash(self._totals_fd, records.TOTAL_KEY.size, 8)

@@ -238,11 +238,11 @@ def short_lived_children(monitor: Monitor, n: int) -> float:
     assert {e.tgid for e in server(Kind.OPEN)} == {os.getpid()}
     assert len(server(Kind.OPEN)) == n
 
-    # Closes: on this kernel about 1 in 1000 client sockets orphaned in FIN_WAIT
-    # reaches TIME_WAIT with no inet_sock_set_state(TCP_CLOSE) run of ours (no
-    # recursion miss counted, and gone before tcp_destroy_sock). The guarantee is
-    # then that reconciliation removes the stale rows and counts them, so the
-    # table never keeps a ghost: at most a few, each repaired and counted.
+    # Closes: on this kernel a few client sockets in ten thousand, orphaned in
+    # FIN_WAIT1 and completed by the server's delayed ACK in a timer softirq, are
+    # never handed to our programs (the kernel traces the state changes; see
+    # bench/missed_closes.py). The guarantee is then that the stale rows are
+    # repaired and counted, so the table never keeps a ghost: at most a few.
     # (sock addresses are reused within milliseconds: match by the children's pids)
     unclosed = expected - {e.tgid for e in closes}
     if unclosed and loss.ringbuf_full == loss0.ringbuf_full:

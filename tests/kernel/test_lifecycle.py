@@ -402,9 +402,9 @@ class RecordsLost(Exception):
 
 class CloseNeverSeen(RecordsLost):
     """A socket left the kernel without its close reaching any hook: the rare gap
-    the README lists under known limits (about one orphaned FIN_WAIT close in a
-    thousand). Where a test holds the row, its repair is checked too; the attempt
-    is no verdict."""
+    the README lists under known limits (orphaned FIN_WAIT closes the kernel never
+    hands to the programs; bench/missed_closes.py measures it). Where a test holds
+    the row, its repair is checked too; the attempt is no verdict."""
 
 
 def lost(monitor: Monitor) -> int:
