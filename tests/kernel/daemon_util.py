@@ -146,6 +146,23 @@ def prog_ids_held_by(pid: int) -> set[int]:
     return ids
 
 
+def socket_fds(pid: int) -> dict[int, int]:
+    """fd -> socket inode of ``pid``, from /proc/<pid>/fd: the ground truth.
+
+    A busy process opens and closes sockets while we list them; an fd that is
+    gone by the time we read its link is simply not in the answer.
+    """
+    out: dict[int, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            out[int(fd)] = int(target[len("socket:["):-1])
+    return out
+
+
 def loaded_programs() -> list[dict[str, Any]]:
     """``bpftool prog show --json``: every BPF program in the kernel."""
     out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True,

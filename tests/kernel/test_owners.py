@@ -12,7 +12,6 @@ owner and fd of every pre-existing socket from it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import textwrap
 from sockwatch import records
 from sockwatch.kernel.loader import LoaderConfig
 from sockwatch.monitor import Monitor
+from tests.kernel import daemon_util as du
 
 HOLDER = """
 import json, os, socket, sys
@@ -46,16 +46,6 @@ os.waitpid(child, 0)
 """
 
 
-def _socket_fds(pid: int) -> dict[int, int]:
-    """fd -> socket inode, from /proc/<pid>/fd: the ground truth."""
-    out = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        if target.startswith("socket:["):
-            out[int(fd)] = int(target[8:-1])
-    return out
-
-
 def _walk(mon: Monitor) -> list[tuple[int, int, int, int, bytes]]:
     assert mon.probes is not None
     return [row for chunk in mon.probes.owner_chunks()
@@ -80,10 +70,10 @@ def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair
             by_pid[tgid][fd] = (skaddr, ino, comm)
         addr_of_ino: dict[int, int] = {}
         for info in infos:
-            truth = _socket_fds(info["pid"])
+            truth = du.socket_fds(info["pid"])
             assert set(info["tcp"]) | set(info["others"]) <= set(truth)
             for pid in (info["pid"], info["child"]):
-                assert _socket_fds(pid) == truth  # the fork shares the fd table's sockets
+                assert du.socket_fds(pid) == truth  # the fork shares the fd table's sockets
                 seen = by_pid.get(pid, {})
                 # exactly the TCP fds: no UDP, raw or unix socket, nothing missing
                 assert {fd: ino for fd, (_a, ino, _c) in seen.items()} == \
@@ -98,7 +88,7 @@ def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair
         # Our namespace's sockets predate the monitor: their rows (keyed by the same
         # address) get the holder with the lowest pid, its lowest fd, and its name.
         info = infos[0]
-        truth = _socket_fds(info["pid"])
+        truth = du.socket_fds(info["pid"])
         want = {addr_of_ino[truth[fd]]: fd for fd in sorted(info["tcp"], reverse=True)}
         rows = {c.key: c for c in mon.connections(refresh=False) if c.key in want}
         assert set(rows) == set(want)

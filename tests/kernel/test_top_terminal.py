@@ -11,7 +11,6 @@ filtered by the workload's pid or port.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -245,8 +244,7 @@ def test_top_in_tmux_keys_views_resize_and_quit(workload, tmux_top):
     lines = t.wait("the drill-down", drilled)
     titles, body = table(lines, "FD")
     rows = [dict(zip(titles, r)) for r in body]
-    socket_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
-                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+    socket_fds = du.socket_fds(pid)
     listening = [r for r in rows if r["STATE"] == "LISTEN"]
     assert [r["LOCAL"] for r in listening] == [f"127.0.0.1:{port}"], rows
     established = [r for r in rows if r["STATE"] == "ESTAB"]
@@ -351,8 +349,7 @@ def test_top_once_and_json_show_the_workload(workload):
     assert mine["process"] == NAME and mine["sent_bytes_per_s"] > 0
     assert mine["accepts_per_s"] > 0 and mine["connects_per_s"] > 0
     # ground truth: the kernel's own list of the process's sockets
-    inodes = {int(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]) for fd in os.listdir(f"/proc/{pid}/fd")
-              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+    inodes = set(du.socket_fds(pid).values())
     listed = {s["ino"] for s in mine["sockets"]
               if s["local_port"] == port and s["state"] == "ESTAB"}
     assert len(listed) >= 3 and listed <= inodes | {0}
