@@ -300,9 +300,10 @@ class Monitor:
         unowned = self._unowned
         for gone in [k for k in unowned if k[0] not in self.table.live]:
             del unowned[gone]
+        waiting = {found for found, (until, _wait) in unowned.items() if until > now}
         with self.lock:
             wanted = {key for key, _tgid, ino, since in self.table.owners_to_find(fds, keys)
-                      if ino and unowned.get((key, since), (0.0, 0.0))[0] <= now}
+                      if ino and (not waiting or (key, since) not in waiting)}
         probes = self.probes
         if not wanted or probes is None:
             return 0

@@ -278,3 +278,6 @@ def test_walk_rows_skipped_as_unchanged_leave_the_table_as_applying_them_would(s
                 merge(tbl, *rows)
                 tbl.remove_missing(t, {NETNS})
         assert _slab_state(fast) == _slab_state(slow)
+        for fds in (False, True):  # the column scan picks the rows the per-row test does
+            assert sorted(fast.owners_to_find(fds)) == sorted(
+                fast.owners_to_find(fds, set(fast._index)))

@@ -335,6 +335,40 @@ def test_slab_grows_and_gives_back_memory_after_a_burst():
     assert len(tbl) == 100 and tbl.capacity < 1500
 
 
+def test_walk_chunk_of_new_sockets_fills_free_slots_in_one_go():
+    """A walk chunk of sockets the table does not hold is inserted whole: into one
+    run of slots when the slab has one, else slot by slot into the holes closes
+    left. Either way each row holds its own record, its age and the walk's mark,
+    and the rows already there are untouched."""
+    tbl = ConnTable()
+    keys = [A + i * 8 for i in range(6)]
+    for i, key in enumerate(keys):
+        tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1))
+    for key in keys[1::2]:
+        tbl.apply(closed(skaddr=key, t=2_000))
+    kept = {k: bytes(tbl._slab[tbl._index[k] * records.EVENT_SIZE :][: records.EVENT_SIZE])
+            for k in keys[::2]}
+    holes = [snap(skaddr=B + i * 8, t=3_000 + i, open_ns=2_500) for i in range(3)]
+    fresh = [snap(skaddr=C + i * 8, t=3_100 + i) for i in range(2000)]
+    tbl.begin_walk(3_000)
+    merge(tbl, *holes)  # the three slots the closes freed
+    assert sorted(tbl._index[B + i * 8] for i in range(3)) == [1, 3, 5]
+    merge(tbl, *fresh)  # more than the free slots: the slab grows, one run
+    size = records.EVENT_SIZE
+    for key, was in kept.items():
+        assert bytes(tbl._slab[tbl._index[key] * size :][:size]) == was
+    merge(tbl, *[snap(skaddr=k, t=3_500) for k in keys[::2]])
+    assert tbl.remove_missing(3_000, {NETNS}) == 0
+    assert len(tbl) == 3 + 3 + 2000
+    for rec in holes + fresh:
+        key = records.field_reader("skaddr").unpack_from(rec)[0]
+        slot = tbl._index[key]
+        assert bytes(tbl._slab[slot * size : (slot + 1) * size]) == rec
+        conn = _live(tbl, key)
+        assert conn.seen_by == "snapshot" and conn.alive_since_ns == (2_500 if key < C else
+                                                                      conn.ev.ts_ns)
+
+
 def test_scan_select_and_owner_needs_read_the_slab_as_rows_do():
     """Bulk readers (scrapes, filters, owner lookups) read the slab in place; they
     must see what a Row copy shows: the owner's pid, the /proc name when there is one."""
