@@ -51,7 +51,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "closed_capacity": Key(int, 4096, 0, 1 << 20, doc="recently closed connections kept"),
         "max_connections": Key(int, 262144, 1, 16 << 20, doc="live connections tracked"),
         "poll_interval_seconds": Key((int, float), 0.1, 0.01, 10, doc="ring buffer read period"),
-        "reconcile_interval_seconds": Key((int, float), 5.0, 0.5, 3600, doc="kernel walk period"),
+        "reconcile_interval_seconds": Key((int, float), 5.0, 0.5, 3600,
+                                          doc="kernel walk period; longer while one walk's CPU"
+                                          " time is over 5 % of it"),
     },
     "metrics": {
         "top_processes": Key(int, 20, 1, 10000, doc="process label values kept; rest -> other"),

@@ -32,6 +32,11 @@ MAX_PENDING = 64  # drained batches kept for run()'s consumers
 UNOWNED_RETRY_S = 5.0
 UNOWNED_RETRY_MAX_S = 300.0
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
+# Most of one core periodic walks may take. A walk of 200k sockets costs about
+# 0.6 s of CPU: every 5 s that was 12 % of a core on an idle host; the period
+# then stretches to 12 s. Walks of a few thousand sockets (tens of ms) keep the
+# configured period.
+WALK_CPU_SHARE = 0.05
 
 
 def decode_batch(blob: bytes, offsets: list[int]) -> list[records.ConnEvent]:
@@ -95,6 +100,7 @@ class Monitor:
         self.started_ns = 0
         self.socks_entries = 0
         self.socks_evicted = 0
+        self.walk_cpu_s = 0.0  # CPU time of the last periodic walk (run())
 
     # -- lifecycle -------------------------------------------------------------
     def start(self, loading: loader.Loading | None = None) -> None:
@@ -231,7 +237,9 @@ class Monitor:
         """Poll on a timer until ``stop`` is set (the kernel never wakes us).
 
         Reconciliation runs in its own thread so a long walk never delays the
-        draining that keeps the ring buffer from overflowing. ``on_events`` gets
+        draining that keeps the ring buffer from overflowing. Walks take at most
+        WALK_CPU_SHARE of a core: one that costs more than that of its period
+        stretches the wait before the next. ``on_events`` gets
         each batch decoded (for printing); ``on_batch`` gets it raw (for keeping).
         Intervals may be callables so a config reload takes effect at the next tick.
         """
@@ -241,8 +249,12 @@ class Monitor:
 
         def reconciling() -> None:
             try:
-                while not stop.wait(every()):
+                wait = every()
+                while not stop.wait(wait):
+                    cpu = time.thread_time()
                     self.reconcile()
+                    self.walk_cpu_s = time.thread_time() - cpu
+                    wait = max(every(), self.walk_cpu_s / WALK_CPU_SHARE)
             except BaseException as exc:  # re-raised by run() in its own thread
                 failure.append(exc)
                 stop.set()

@@ -9,6 +9,8 @@ tests do that against real probes.
 
 from __future__ import annotations
 
+import time
+
 from sockwatch import records
 from sockwatch.interfaces import InterfaceNames
 from sockwatch.kernel.loader import HookChoice, Plan
@@ -24,6 +26,9 @@ class EmptyRing:
 
     def backlog(self) -> int:
         return 0
+
+    def wait(self, timeout_s: float) -> None:
+        time.sleep(timeout_s)
 
 
 class FakeProbes:
