@@ -922,22 +922,20 @@ class ConnTable:
         ``elsewhere``, for a last call (without it) to settle once the walk is
         over. Returns how many rows were named."""
         index, slab, flags, name_ids = self._index, self._slab, self._flags, self._name
-        pack, ids, named = _OWNER.pack_into, {}, 0
+        needs, pack, ids, named = self._needs_owner, _OWNER.pack_into, {}, 0
         for holder in holders:
             key, _ino, tgid, fd, comm = holder
             if keys is not None and key not in keys:
                 continue
             slot = index.get(key)
-            if slot is None or flags[slot] & _NAMED:
+            if slot is None or not needs(slot, fds):
                 continue
             o = slot * _SIZE
-            # _needs_owner, inlined: a first walk claims 200k rows here
-            attributed, known_fd, attrib = _owner(slab, o)
-            if attributed and attrib in TASK_ATTRIBUTIONS and not (fds and known_fd < 0):
-                continue
-            if elsewhere is not None and attributed and attributed != tgid:
-                elsewhere.setdefault(key, holder)
-                continue
+            if elsewhere is not None:
+                attributed = _OWNER.unpack_from(slab, o + _OWNER_OFFSET)[0]
+                if attributed and attributed != tgid:
+                    elsewhere.setdefault(key, holder)
+                    continue
             nid = ids.get((tgid, comm))
             if nid is None:
                 nid = ids[(tgid, comm)] = self._name_id(name_of(tgid, comm))
