@@ -95,6 +95,38 @@ _IS_OPEN = bytes(int(i == _OPEN) for i in range(256))
 _CLOSE_BIT = 32  # in the per-record counting code: (kind - 1) << 5 | role << 3 | result
 
 
+def _columns(blob: bytes, offsets: Iterable[int]
+             ) -> tuple[Callable[[int], bytes], Callable[[int], memoryview]] | None:
+    """Readers of one field across the records of a batch laid out evenly (as the
+    ring buffer drains it, as a walk reads it): ``u8(at)`` gives the byte at
+    ``at`` of every record as bytes, ``u64(at)`` the u64 there as a memoryview,
+    both strided copies made at C speed. None when ``offsets`` is not an even
+    layout of whole records inside ``blob``."""
+    n = len(offsets) if isinstance(offsets, range) else 0
+    if not n or not isinstance(blob, bytes):
+        return None
+    base, step = offsets.start, offsets.step
+    span = (n - 1) * step
+    if base < 0 or step < _SIZE or step % 8 or base + span + _SIZE > len(blob):
+        return None
+    view = memoryview(blob)
+
+    def u64(at: int) -> memoryview:
+        return view[base + at : base + at + span + 8].cast("Q")[:: step // 8]
+
+    def u8(at: int) -> bytes:
+        return blob[base + at : base + at + span + 1 : step]
+
+    return u8, u64
+
+
+def _well_formed(u8: Callable[[int], bytes], kinds: bytes) -> bool:
+    """Every record of a batch (read by ``_columns``) is of one of ``kinds``, with
+    a role, attribution and result this table knows."""
+    return not (u8(_KIND_AT).translate(None, kinds) or max(u8(_ROLE_AT)) >= _N_ROLES
+                or max(u8(_ATTRIB_OFFSET)) >= _N_ATTRIBS or max(u8(_RESULT_AT)) >= _N_RESULTS)
+
+
 @dataclass(slots=True)
 class Connection:
     """One socket as views see it: the kernel's latest record plus its owner."""
@@ -481,25 +513,13 @@ class ConnTable:
         cost per record is a few C-level steps, not a Python iteration.
         """
         n = len(offsets) if isinstance(offsets, range) else 0
-        if (n < _PAIRED_MIN or self._walk_since is not None or not isinstance(blob, bytes)
-                or self.max_live - len(self._index) < n):
+        columns = _columns(blob, offsets)
+        if (columns is None or n < _PAIRED_MIN or self._walk_since is not None
+                or self.max_live - len(self._index) < n
+                or not _well_formed(columns[0], bytes((_OPEN, _CLOSE)))):
             return None
-        base, step = offsets.start, offsets.step
-        span = (n - 1) * step
-        if base < 0 or step < _SIZE or step % 8 or base + span + _SIZE > len(blob):
-            return None
-        view = memoryview(blob)
-
-        def u64(at: int) -> memoryview:
-            return view[base + at : base + at + span + 8].cast("Q")[:: step // 8]
-
-        def u8(at: int) -> bytes:
-            return blob[base + at : base + at + span + 1 : step]
-
-        kinds, roles, attribs, results = u8(_KIND_AT), u8(_ROLE_AT), u8(_ATTRIB_OFFSET), u8(_RESULT_AT)
-        if (kinds.translate(None, bytes((_OPEN, _CLOSE))) or max(roles) >= _N_ROLES
-                or max(attribs) >= _N_ATTRIBS or max(results) >= _N_RESULTS):
-            return None
+        u8, u64 = columns
+        kinds, roles, results = u8(_KIND_AT), u8(_ROLE_AT), u8(_RESULT_AT)
         keys = u64(_KEY_AT).tolist()
         # Position of the previous record at the same address (n: none), in one pass:
         # zip looks each record up before storing its own position. ``last`` ends
@@ -708,21 +728,16 @@ class ConnTable:
         the table, as the first walk finds them (200k rows: 0.36 s one by one,
         0.16 s so); False, with nothing done, for any chunk _insert_walked might
         treat otherwise (a known or repeated socket, a socket that closed during
-        the walk, a malformed row, no room). The rows take free slots as _insert
-        would; in a fresh or grown slab those are one run, filled by one copy."""
+        the walk, a malformed row, no room, records not laid out evenly). The rows
+        take free slots as _insert would; in a fresh or grown slab those are one
+        run, filled by one copy."""
         n = len(offsets) if isinstance(offsets, range) else 0
-        if (not n or offsets.start != 0 or offsets.step != _SIZE or n * _SIZE != len(blob)
-                or not isinstance(blob, bytes) or len(self._index) + n > self.max_live):
+        columns = _columns(blob, offsets)
+        if (columns is None or len(self._index) + n > self.max_live
+                or not _well_formed(columns[0], bytes((_SNAPSHOT,)))):
             return False
-        kinds, roles = blob[_KIND_AT::_SIZE], blob[_ROLE_AT::_SIZE]
-        attribs, results = blob[_ATTRIB_OFFSET::_SIZE], blob[_RESULT_AT::_SIZE]
-        if (kinds.strip(bytes((_SNAPSHOT,))) or max(roles) >= _N_ROLES
-                or max(attribs) >= _N_ATTRIBS or max(results) >= _N_RESULTS):
-            return False
-        with memoryview(blob) as raw, raw.cast("Q") as words:
-            keys = words[_KEY_AT // 8 :: _SIZE // 8].tolist()
-            stamps = words[_TS_AT // 8 :: _SIZE // 8].tolist()
-            opened = words[_OPEN_NS_AT // 8 :: _SIZE // 8].tolist()
+        u64 = columns[1]
+        keys, stamps, opened = (u64(at).tolist() for at in (_KEY_AT, _TS_AT, _OPEN_NS_AT))
         if (len(set(keys)) != n or not self._index.keys().isdisjoint(keys)
                 or not self._closed_during_walk.keys().isdisjoint(keys)):
             return False
@@ -732,16 +747,17 @@ class ConnTable:
         slots = free[: -n - 1 : -1]  # as _insert would take them, one by one
         del free[-n:]
         alive = array.array("Q", [o or t for o, t in zip(opened, stamps)])
-        first = slots[0]
-        if slots == list(range(first, first + n)):  # one run: a fresh or grown slab
-            self._slab[first * _SIZE : (first + n) * _SIZE] = blob
+        first, base = slots[0], offsets.start
+        if offsets.step == _SIZE and slots == list(range(first, first + n)):
+            # one run of slots (a fresh or grown slab) for records back to back
+            self._slab[first * _SIZE : (first + n) * _SIZE] = blob[base : base + n * _SIZE]
             self._alive[first : first + n] = alive
             self._flags[first : first + n] = bytes((_BY_SNAPSHOT | _SEEN,)) * n
             self._name[first : first + n] = array.array("I", bytes(4 * n))
         else:
             slab, alive_a, flags, name = self._slab, self._alive, self._flags, self._name
-            for i, slot in enumerate(slots):
-                slab[slot * _SIZE : (slot + 1) * _SIZE] = blob[i * _SIZE : (i + 1) * _SIZE]
+            for i, (slot, off) in enumerate(zip(slots, offsets)):
+                slab[slot * _SIZE : (slot + 1) * _SIZE] = blob[off : off + _SIZE]
                 alive_a[slot], flags[slot], name[slot] = alive[i], _BY_SNAPSHOT | _SEEN, 0
         self._index.update(zip(keys, slots))
         return True
@@ -861,24 +877,25 @@ class ConnTable:
         under the table's lock. A named row needs neither, and on a settled table
         nearly all are. For all rows the test runs down the slab's columns at C
         speed: a first walk leaves 200k rows to name, a settled one none."""
+        index = self._index
         if keys is not None:
-            index = self._index
             slots = [index[k] for k in keys if k in index]
             slots = [slot for slot in slots if self._needs_owner(slot, fds)]
         else:
             slots = self._slots_needing_owner(fds)
-        slab = self._slab
-        with memoryview(slab) as raw, raw.cast("Q") as words, raw.cast("I") as ints:
-            found = (list(map(words[_KEY_AT // 8 :: _SIZE // 8].__getitem__, slots)),
-                     list(map(ints[_OWNER_OFFSET // 4 :: _SIZE // 4].__getitem__, slots)),
-                     list(map(words[_INO_AT // 8 :: _SIZE // 8].__getitem__, slots)),
-                     list(map(self._alive.__getitem__, slots)))
-        return zip(*found)
+        with memoryview(self._slab) as raw, raw.cast("Q") as words, raw.cast("I") as ints:
+            found = list(map(words[_KEY_AT // 8 :: _SIZE // 8].__getitem__, slots))
+            if keys is None:  # freed slots keep their last record: count those the index names
+                live = list(map(eq, map(index.get, found), slots))
+                slots, found = list(compress(slots, live)), list(compress(found, live))
+            pids = list(map(ints[_OWNER_OFFSET // 4 :: _SIZE // 4].__getitem__, slots))
+            inodes = list(map(words[_INO_AT // 8 :: _SIZE // 8].__getitem__, slots))
+        return zip(found, pids, inodes, map(self._alive.__getitem__, slots))
 
     def _slots_needing_owner(self, fds: bool) -> list[int]:
-        """The live slots _needs_owner picks, found column by column: flags and
-        attribution through translate tables, pid and fd through strided views,
-        combined as one big integer per test."""
+        """The slots, freed ones included, whose record _needs_owner would pick,
+        found column by column: flags and attribution through translate tables,
+        pid and fd through strided views, combined as one big integer per test."""
         slab, cap = self._slab, self.capacity
         with memoryview(slab) as raw, raw.cast("I") as ints, raw.cast("i") as signed:
             test = int.from_bytes(bytes(map(not_, ints[_OWNER_OFFSET // 4 :: _SIZE // 4])),
@@ -888,12 +905,7 @@ class ConnTable:
                 fd_col = signed[(_OWNER_OFFSET + 4) // 4 :: _SIZE // 4]
                 test |= int.from_bytes(bytes(map((0).__gt__, fd_col)), "little")
         test &= int.from_bytes(self._flags.translate(_UNNAMED), "little")
-        slots = list(compress(range(cap), test.to_bytes(cap, "little")))
-        # freed slots keep their last record: only those the index points at count
-        index = self._index
-        with memoryview(slab) as raw, raw.cast("Q") as words:
-            keys = map(words[_KEY_AT // 8 :: _SIZE // 8].__getitem__, slots)
-            return list(compress(slots, map(eq, map(index.get, keys), slots)))
+        return list(compress(range(cap), test.to_bytes(cap, "little")))
 
     def _needs_owner(self, slot: int, fds: bool) -> bool:
         if self._flags[slot] & _NAMED:
