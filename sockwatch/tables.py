@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import collections
+import mmap
 import struct
 from bisect import bisect_left
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from operator import eq, ge, itemgetter, not_
 from typing import Callable, Iterable, Iterator
 
 from sockwatch import records
+from sockwatch.errors import SockwatchError
 from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
 
 # Attributions made by a task touching the socket; others are guesses.
@@ -195,7 +197,21 @@ class Row:
                           self.closed_ns, self.reconciled)
 
 
-def _closed_row(stored: bytes | bytearray, so: int, alive: int, flags: int, name: str | None,
+def _reserve(slots: int) -> mmap.mmap:
+    """A slab for ``slots`` records: private anonymous memory, zero until written.
+    Only the pages of slots in use are resident, so reserving room for the most
+    the table may hold costs nothing until it does; a bytearray had to be
+    reallocated (briefly twice the size) to grow, and its free slots were
+    resident from the start."""
+    try:
+        return mmap.mmap(-1, slots * _SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:
+        raise SockwatchError(f"cannot reserve memory for {slots} connections "
+                             f"({slots * _SIZE >> 20} MiB: {exc.strerror}); "
+                             "lower tables.max_connections") from None
+
+
+def _closed_row(stored: bytes | bytearray | mmap.mmap, so: int, alive: int, flags: int, name: str | None,
                 raw: bytes, ts: int, netns: int, tgid: int, fd: int, attrib: int) -> Row:
     """The closed row of a socket from its CLOSE record and the record we stored for
     it (at ``so`` in ``stored``; its resolved ``name``, if any): the record's owner if
@@ -318,15 +334,18 @@ class ConnTable:
 
     Live rows live in slots of ``_slab`` (one record each, the owner written
     into it), found by socket address through ``_index``; per-slot extras sit in
-    parallel arrays. Freed slots are reused; the slab grows by a quarter (a
-    record is 312 bytes: doubling would leave up to half of it idle) and is
-    compacted after a walk once three quarters of it are free, so memory follows
-    the number of live sockets both ways.
+    parallel arrays. The slab is address space reserved for ``max_live`` records
+    (see ``_reserve``): a slot's pages become resident when it is first written,
+    and the slab is never copied to grow. Freed slots are reused, lowest first;
+    the slots in use grow by a quarter and are compacted after a walk once three
+    quarters of them are free, so memory follows the number of live sockets
+    both ways.
     """
 
     def __init__(self, closed_capacity: int = 4096, max_live: int = 262144):
         self._index: dict[int, int] = {}  # socket address -> slot
-        self._slab = bytearray()
+        self._reserved = max(max_live, _MIN_SLOTS)  # slots the slab has room for
+        self._slab = _reserve(self._reserved)
         self._alive = array.array("Q")  # alive_since_ns
         self._flags = bytearray()  # _NAMED | _BY_SNAPSHOT | _SEEN
         self._name = array.array("I")  # index into _names of the resolved name; 0: none
@@ -353,7 +372,7 @@ class ConnTable:
 
     def _grow(self, n: int) -> None:
         old = self.capacity
-        self._slab.extend(bytes(n * _SIZE))
+        n = min(n, self._reserved - old)
         self._alive.extend(array.array("Q", bytes(8 * n)))
         self._flags.extend(bytes(n))
         self._name.extend(array.array("I", bytes(4 * n)))
@@ -398,7 +417,7 @@ class ConnTable:
         if cap <= _MIN_SLOTS or n * 4 > cap or self._walk_since is not None:
             return
         size = max(_MIN_SLOTS, n + n // 4)
-        slab, alive = bytearray(size * _SIZE), array.array("Q", bytes(8 * size))
+        slab, alive = _reserve(self._reserved), array.array("Q", bytes(8 * size))
         flags, name = bytearray(size), array.array("I", bytes(4 * size))
         old = memoryview(self._slab)
         # A new dict: one never shrinks its table on deletes, and after 200k
@@ -859,7 +878,7 @@ class ConnTable:
         """The network namespace inodes of the live rows, and maybe of some freed
         slots (0 for slots never used): read at C speed across the whole slab, so
         asking whether any row lives outside our namespace costs no row scan."""
-        with memoryview(self._slab) as raw, raw.cast("I") as words, \
+        with memoryview(self._slab)[: self.capacity * _SIZE] as raw, raw.cast("I") as words, \
                 words[_NETNS_OFFSET // 4 :: _SIZE // 4] as column:
             return set(column)
 
@@ -897,10 +916,12 @@ class ConnTable:
         found column by column: flags and attribution through translate tables,
         pid and fd through strided views, combined as one big integer per test."""
         slab, cap = self._slab, self.capacity
-        with memoryview(slab) as raw, raw.cast("I") as ints, raw.cast("i") as signed:
+        with memoryview(slab)[: cap * _SIZE] as raw, raw.cast("I") as ints, \
+                raw.cast("i") as signed:
             test = int.from_bytes(bytes(map(not_, ints[_OWNER_OFFSET // 4 :: _SIZE // 4])),
                                   "little")
-            test |= int.from_bytes(slab[_ATTRIB_OFFSET::_SIZE].translate(_GUESSED), "little")
+            test |= int.from_bytes(slab[_ATTRIB_OFFSET : cap * _SIZE : _SIZE].translate(_GUESSED),
+                                   "little")
             if fds:
                 fd_col = signed[(_OWNER_OFFSET + 4) // 4 :: _SIZE // 4]
                 test |= int.from_bytes(bytes(map((0).__gt__, fd_col)), "little")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -108,6 +109,10 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
 }
 
 
+_LOG_BUFFER_BYTES = 1 << 20
+_LOG_KEEP_RESIDENT = 64 << 10
+
+
 class _Lib:
     """libbpf.so.1 with prototypes declared, and its log routed to a buffer."""
 
@@ -128,16 +133,21 @@ class _Lib:
         self._vsnprintf.argtypes = [_c.c_char_p, _c.c_size_t, _c.c_char_p, _vp]
         self._lock = threading.Lock()
         self._log: list[str] = []
-        # One large buffer: a va_list can be read only once, and verifier logs are long.
-        self._buf = _c.create_string_buffer(1 << 20)
+        # One large buffer: a va_list can be read only once, and verifier logs are
+        # long. Anonymous memory, so only the pages a message reaches are resident
+        # (a zeroed ctypes buffer kept 1 MB of RSS for the daemon's lifetime).
+        self._map = mmap.mmap(-1, _LOG_BUFFER_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buf = (_c.c_char * _LOG_BUFFER_BYTES).from_buffer(self._map)
         self._print_cb = _PRINT_FN(self._on_print)  # kept alive for libbpf
         self.so.libbpf_set_print(self._print_cb)
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
         # x86_64 passes va_list as a pointer to its tag, so vsnprintf can take it as is.
         with self._lock:
-            self._vsnprintf(self._buf, len(self._buf), fmt, va_list)
+            n = self._vsnprintf(self._buf, _LOG_BUFFER_BYTES, fmt, va_list)
             self._log.append(self._buf.value.decode(errors="replace").rstrip("\n"))
+            if n > _LOG_KEEP_RESIDENT:  # a verifier log: give its pages back
+                self._map.madvise(mmap.MADV_DONTNEED)
         return 0
 
     def take_log(self) -> list[str]:

@@ -346,17 +346,16 @@ def test_walk_chunk_of_new_sockets_fills_free_slots_in_one_go():
         tbl.apply(opened(skaddr=key, t=1_000 + i, tgid=i + 1))
     for key in keys[1::2]:
         tbl.apply(closed(skaddr=key, t=2_000))
-    kept = {k: bytes(tbl._slab[tbl._index[k] * records.EVENT_SIZE :][: records.EVENT_SIZE])
-            for k in keys[::2]}
+    size = records.EVENT_SIZE
+    kept = {k: tbl._slab[tbl._index[k] * size : (tbl._index[k] + 1) * size] for k in keys[::2]}
     holes = [snap(skaddr=B + i * 8, t=3_000 + i, open_ns=2_500) for i in range(3)]
     fresh = [snap(skaddr=C + i * 8, t=3_100 + i) for i in range(2000)]
     tbl.begin_walk(3_000)
     merge(tbl, *holes)  # the three slots the closes freed
     assert sorted(tbl._index[B + i * 8] for i in range(3)) == [1, 3, 5]
     merge(tbl, *fresh)  # more than the free slots: the slab grows, one run
-    size = records.EVENT_SIZE
     for key, was in kept.items():
-        assert bytes(tbl._slab[tbl._index[key] * size :][:size]) == was
+        assert tbl._slab[tbl._index[key] * size : (tbl._index[key] + 1) * size] == was
     merge(tbl, *[snap(skaddr=k, t=3_500) for k in keys[::2]])
     assert tbl.remove_missing(3_000, {NETNS}) == 0
     assert len(tbl) == 3 + 3 + 2000
