@@ -56,7 +56,7 @@ const volatile bool suppress_close = false;
  * Records never wake the reader (it drains on a timer), unless the ring buffer
  * holds more than this many bytes: then a burst wakes it before it overflows.
  */
-const volatile __u64 wakeup_bytes = 1 << 20;
+const volatile __u64 wakeup_bytes = 512 << 10;	/* user space sets a quarter of the ring */
 /*
  * The stack object runs and fills sock_stack. Without it (--no-stack-latency)
  * the map is empty: records and closes skip its lookups and deletes.
@@ -86,7 +86,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);	/* user space sets the configured size */
+	__uint(max_entries, 2 << 20);	/* user space sets the configured size */
 } events SEC(".maps");
 
 /*

@@ -441,11 +441,14 @@ def health() -> db.Dashboard:
             "short", (f"sum by (source) ({rate('sockwatch_lost_events_total')})", "{{source}}")))
         .with_panel(series(
             "Map and table fill",
-            "Entries in sockwatch's tables as a share of their capacity. Bad: approaching "
-            "100 %: new sockets will be dropped (and counted in lost events).",
+            "Entries in sockwatch's tables as a share of their capacity, and the fullest each "
+            "ring buffer was found since the daemon started. Bad: approaching 100 %: new "
+            "sockets or records will be dropped (and counted in lost events).",
             "percentunit",
             (f"max by (table) ({sel('sockwatch_table_entries')} / "
-             f"{sel('sockwatch_table_capacity')})", "{{table}}")))
+             f"{sel('sockwatch_table_capacity')})", "{{table}}"),
+            (f"max by (ring) ({sel('sockwatch_ringbuf_peak_bytes')} / "
+             f"{sel('sockwatch_ringbuf_size_bytes')})", "ring buffer {{ring}} (fullest)")))
         .with_panel(series(
             "Reconciliation removals/s",
             "Connections removed by the periodic kernel walk because their close was never "

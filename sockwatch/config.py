@@ -45,7 +45,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "stack_latency": Key(bool, True, doc="per-packet probes for per-interface stack latency "
                              "(false: connection-level histograms only)"),
         "socks_max_entries": Key(int, 65536, 1024, 16 << 20, doc="kernel per-socket map size"),
-        "ringbuf_bytes": Key(int, 4 << 20, 4096, 1 << 30, doc="ring buffer size, a power of two"),
+        "ringbuf_bytes": Key(int, 2 << 20, 4096, 1 << 30,
+                             doc="ring buffer size, a power of two; all of it counts in"
+                             " the daemon's RSS"),
     },
     "tables": {
         "closed_capacity": Key(int, 4096, 0, 1 << 20, doc="recently closed connections kept"),

@@ -227,6 +227,16 @@ class SockwatchCollector(Collector):
         m.add_metric(["connections"], mon.table.max_live)
         m.add_metric(["socks_map"], probes.socks_capacity)
         yield m
+        size = GaugeMetricFamily(P + "ringbuf_size_bytes", "Size of each ring buffer.",
+                                 labels=["ring"])
+        peak = GaugeMetricFamily(P + "ringbuf_peak_bytes", "The most a ring buffer held "
+                                 "when it was read, since start: its headroom against loss.",
+                                 labels=["ring"])
+        for name, ring_size, ring_peak in probes.ring.fill():
+            size.add_metric([name], ring_size)
+            peak.add_metric([name], ring_peak)
+        yield size
+        yield peak
         m = GaugeMetricFamily(P + "probe_attach_info", "The variant attached for each hook (value 1).",
                               labels=["hook", "mode"])
         for hook in probes.plan.hooks:

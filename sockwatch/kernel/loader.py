@@ -123,7 +123,11 @@ class LoaderConfig:
     attach_mode: str = "auto"
     precise_accept: bool = False
     socks_max_entries: int = 65536
-    ringbuf_bytes: int = 4 << 20
+    # 2 MiB: a burst wakes the reader at a quarter full, and at 15k connections/s
+    # the fullest it was found was that quarter plus a few records (test_loss),
+    # so three quarters (about 5k records, 120 ms at 10k connections/s) are
+    # headroom for a reader held up; sockwatch_ringbuf_peak_bytes shows it.
+    ringbuf_bytes: int = 2 << 20
     suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
     stack_latency: bool = True  # False: the per-packet stack programs are not loaded at all
     # True: try every attach type for the report (``sockwatch probes``), not only

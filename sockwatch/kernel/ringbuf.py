@@ -43,6 +43,7 @@ class RingReader:
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._size = size
+        self.peak = 0  # most bytes found waiting at a drain: how near the ring came to full
         self._producer = mmap.mmap(map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
         self._fd = map_fd
@@ -57,6 +58,8 @@ class RingReader:
         prod = _U64.unpack_from(self._producer, 0)[0]
         if prod == cons:
             return b"", [], 0
+        if prod - cons > self.peak:
+            self.peak = prod - cons
         start = self._page + (cons & self._mask)
         end = start + (prod - cons)
         limit = self._page + self._size
@@ -98,6 +101,10 @@ class RingReader:
         return n
 
     @property
+    def size(self) -> int:
+        return self._size
+
+    @property
     def fd(self) -> int:
         return self._fd
 
@@ -133,6 +140,11 @@ class RingPair:
 
     def backlog(self) -> int:
         return self.main.backlog() + self.rescue.backlog()
+
+    def fill(self) -> list[tuple[str, int, int]]:
+        """(ring, size, peak) of both rings, for the self-metrics."""
+        return [(name, ring.size, ring.peak)
+                for name, ring in (("events", self.main), ("rescue", self.rescue))]
 
     def drain(self) -> tuple[bytes, Sequence[int], int]:
         blob, offsets, bad = self.main.drain()

@@ -125,6 +125,8 @@ def test_tiny_ring_buffer_loses_and_counts_every_loss_exactly(netns_pair, record
         seen = observed(mon, ns_ino, res["port"], sink)
         gone = lost(mon, ns_ino)
         end = mon.loss()
+        fill = {name: (size, peak) for name, size, peak in mon.probes.ring.fill()}
+        stride = mon.probes.ring.main.stride
     made = res["made"]
     record_property("tiny_ring", {"made": made, "seen": seen, "lost": gone,
                                   "recursion_misses": res["recursion_misses"],
@@ -136,6 +138,9 @@ def test_tiny_ring_buffer_loses_and_counts_every_loss_exactly(netns_pair, record
     assert gone[Kind.OPEN] > 0, (seen, gone)
     # every record this namespace lost is in the host-wide total too
     assert end.ringbuf_full - start.ringbuf_full >= sum(gone.values())
+    # the first read after the burst found the ring full: within a record of its size
+    size, peak = fill["events"]
+    assert size == 64 << 10 and size - stride < peak <= size, fill
     # no other stage dropped anything
     assert (end.socks_map_full, end.decode_errors, end.table_full) == (0, 0, 0), end
     if res["recursion_misses"] == 0:
@@ -150,8 +155,8 @@ def test_tiny_ring_buffer_loses_and_counts_every_loss_exactly(netns_pair, record
 
 
 def test_default_ring_buffer_loses_nothing_at_a_measured_rate(netns_pair, record_property):
-    """The default 4 MiB ring, drained every 100 ms as the daemon does: the same
-    burst is seen whole, and the rate it ran at is recorded."""
+    """The default 2 MiB ring, drained every 100 ms as the daemon does: the same
+    burst is seen whole, and the rate it ran at and how full the ring got are recorded."""
     n = 3000
     ns_ino = netns_mod.inode(f"/run/netns/{netns_pair.a}")
     with Monitor(LoaderConfig()) as mon:
@@ -159,10 +164,13 @@ def test_default_ring_buffer_loses_nothing_at_a_measured_rate(netns_pair, record
         res = run_burst(netns_pair, n, mon, True, sink)
         seen = observed(mon, ns_ino, res["port"], sink)
         gone = lost(mon, ns_ino)
+        (_, size, peak), _rescue = mon.probes.ring.fill()
     rate = res["made"] / res["seconds"]
     record_property("default_ring", {"made": res["made"], "seen": seen, "lost": gone,
-                                     "connections_per_s": round(rate)})
-    print(f"default ring: {res['made']} connections at {rate:.0f}/s, seen {seen}, lost {gone}")
+                                     "connections_per_s": round(rate), "peak_bytes": peak})
+    print(f"default ring: {res['made']} connections at {rate:.0f}/s, seen {seen}, lost {gone}, "
+          f"fullest {peak} of {size} bytes")
+    assert 0 < peak < size
     assert gone == {Kind.OPEN: 0, Kind.CLOSE: 0}
     if res["recursion_misses"] == 0:
         assert seen[Kind.OPEN] == res["made"] == n

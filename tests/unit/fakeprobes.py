@@ -27,6 +27,9 @@ class EmptyRing:
     def backlog(self) -> int:
         return 0
 
+    def fill(self) -> list[tuple[str, int, int]]:
+        return [("events", 2 << 20, 0), ("rescue", 128 << 10, 0)]
+
     def wait(self, timeout_s: float) -> None:
         time.sleep(timeout_s)
 
