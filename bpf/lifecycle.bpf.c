@@ -48,6 +48,41 @@ static __always_inline __u32 state_slot(__u32 state)
 	return state & 0xf;
 }
 
+/* @at as the state stamp of a socket opened at @open_ns (see SW_STAMP_SHIFT). */
+static __always_inline __u32 stamp_of(__u64 open_ns, __u64 at)
+{
+	const __u64 span = 1ULL << SW_STAMP_SHIFT;
+	__u64 d = at > open_ns ? at - open_ns : 0;
+
+	if (d < span - 1)
+		return d + 1;
+	d /= 1000;
+	if (d < span)
+		return (1U << SW_STAMP_SHIFT) | d;
+	d /= 1000;
+	if (d < span)
+		return (2U << SW_STAMP_SHIFT) | d;
+	d /= 1000;
+	return (3U << SW_STAMP_SHIFT) | (d < span ? d : span - 1);
+}
+
+/* The CLOCK_MONOTONIC time a state stamp stands for; 0 for a state never entered. */
+static __always_inline __u64 stamp_time(__u64 open_ns, __u32 stamp)
+{
+	__u64 v = stamp & ((1U << SW_STAMP_SHIFT) - 1);
+
+	switch (stamp >> SW_STAMP_SHIFT) {
+	case 0:
+		return stamp ? open_ns + v - 1 : 0;
+	case 1:
+		return open_ns + v * 1000;
+	case 2:
+		return open_ns + v * 1000000;
+	default:
+		return open_ns + v * 1000000000ULL;
+	}
+}
+
 char LICENSE[] SEC("license") = "GPL";
 
 /* Test-only switch: drop CLOSE records to prove reconciliation repairs them. */
@@ -176,7 +211,7 @@ static __always_inline bool track(const bool btf, const struct sock *sk, __u8 ro
 	fresh.lport = RD(sk, __sk_common.skc_num);
 	fresh.uid = RD(sk, sk_uid.val);
 	if (state > 0 && state < SW_TCP_STATES)
-		fresh.state_ns[state_slot(state)] = now;
+		fresh.state_stamp[state_slot(state)] = stamp_of(now, now);
 	if (attrib)
 		set_owner(btf, &fresh, sk, attrib);
 	if (!bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
@@ -433,12 +468,13 @@ static __always_inline bool unclaimed(const struct sw_sock *s)
 static __always_inline void claim_accepted(const bool btf, struct sw_sock *s,
 					   const struct sock *sk, __u8 attrib, __u64 now)
 {
-	__u64 established = s->state_ns[TCP_ESTABLISHED];
+	__u64 established = stamp_time(s->open_ns, s->state_stamp[TCP_ESTABLISHED]);
 
 	set_owner(btf, s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
 	add_total(s->comm, SW_TOTAL_ACCEPT, 0, RD(sk, __sk_common.skc_num), 1);
-	observe_between(SW_HIST_HANDSHAKE_SERVER, s->state_ns[TCP_SYN_RECV], established);
+	observe_between(SW_HIST_HANDSHAKE_SERVER, stamp_time(s->open_ns, s->state_stamp[TCP_SYN_RECV]),
+			established);
 	if (established && now >= established) {
 		s->accept_wait_ns = now - established;
 		hist_observe(&hists, SW_HIST_ACCEPT_QUEUE, s->accept_wait_ns);
@@ -564,8 +600,8 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 		}
 		return 0;
 	}
-	if (!s->state_ns[state_slot(newstate)])
-		s->state_ns[state_slot(newstate)] = now;
+	if (!s->state_stamp[state_slot(newstate)])
+		s->state_stamp[state_slot(newstate)] = stamp_of(s->open_ns, now);
 
 	switch (newstate) {
 	case TCP_ESTABLISHED:
@@ -573,7 +609,8 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 		if (s->role == SW_ROLE_CLIENT) {
 			s->flags |= SW_FLAG_OPEN_SENT;
 			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
-			observe_between(SW_HIST_HANDSHAKE_CLIENT, s->state_ns[TCP_SYN_SENT], now);
+			observe_between(SW_HIST_HANDSHAKE_CLIENT,
+					stamp_time(s->open_ns, s->state_stamp[TCP_SYN_SENT]), now);
 			emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
 		}
 		return 0;

@@ -200,6 +200,17 @@ struct sw_stack_sock {
 	__u16 rcvq_slots[SW_RCVQ_SLOTS];
 };
 
+/*
+ * When a socket first entered each state is kept as a 32-bit stamp relative
+ * to its open_ns (0: never entered). The top two bits give the unit of the
+ * rest: 1 ns for the first second (the stored value is the offset + 1), 1 us
+ * up to 17 minutes, 1 ms up to 12 days, 1 s beyond. Handshakes keep their
+ * nanoseconds, and every socket and record is 56 bytes smaller than with
+ * 64-bit times. stamp_of()/stamp_time() in lifecycle.bpf.c and
+ * records.state_stamp()/state_time() convert.
+ */
+#define SW_STAMP_SHIFT		30
+
 /* What the kernel keeps per socket (value of the socks LRU map). */
 struct sw_sock {
 	/* Hot fields first: user space reads these from every record. */
@@ -215,7 +226,7 @@ struct sw_sock {
 	__u64 ino;			/* socket inode, as /proc/<pid>/fd shows socket:[ino] */
 	__u32 tid;
 	__u32 uid;
-	__u64 state_ns[SW_TCP_STATES];	/* first entry into each state, CLOCK_MONOTONIC */
+	__u32 state_stamp[SW_TCP_STATES]; /* first entry into each state (see SW_STAMP_SHIFT) */
 	char comm[SW_COMM_LEN];		/* captured at the event: short-lived tasks stay named */
 	/*
 	 * ESTABLISHED -> accept() returned; 0: unknown. Exact with the accept

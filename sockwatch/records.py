@@ -149,7 +149,7 @@ class SwSock(ctypes.Structure):
         ("ino", ctypes.c_uint64),
         ("tid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
-        ("state_ns", ctypes.c_uint64 * TCP_STATES),
+        ("state_stamp", ctypes.c_uint32 * TCP_STATES),
         ("comm", ctypes.c_char * COMM_LEN),
         ("accept_wait_ns", ctypes.c_uint64),
     ]
@@ -219,13 +219,39 @@ def layout_mismatches(
 # One flat format for the whole event, in member order (all naturally aligned).
 _EVENT_STRUCT = struct.Struct(
     "<QQBBBBI"  # ts_ns, skaddr, kind, result, state, oldstate, netns
-    "QIiBBBxHxxQII" f"{TCP_STATES}Q" "16s" "Q"  # sw_sock
+    "QIiBBBxHxxQII" f"{TCP_STATES}I" "16s" "Q"  # sw_sock
     "QQQQ" "IIIII" "HHH" "B5x" "16s16s" "QQ"
 )  # fmt: skip
 assert _EVENT_STRUCT.size == EVENT_SIZE, (_EVENT_STRUCT.size, EVENT_SIZE)
 
 _FORMATS = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_int32: "i",
             ctypes.c_uint16: "H", ctypes.c_uint8: "B"}
+
+
+STAMP_SHIFT = 30  # SW_STAMP_SHIFT
+_STAMP_SPAN = 1 << STAMP_SHIFT
+_STAMP_UNITS = (1, 1000, 1000_000, 1000_000_000)  # ns per step, by the stamp's top two bits
+
+
+def state_stamp(open_ns: int, at_ns: int) -> int:
+    """``at_ns`` as the state stamp of a socket opened at ``open_ns``, as the kernel
+    side makes it (stamp_of in lifecycle.bpf.c; see SW_STAMP_SHIFT in sockwatch.h)."""
+    d = max(0, at_ns - open_ns)
+    if d < _STAMP_SPAN - 1:
+        return d + 1
+    for scale in (1, 2, 3):
+        d //= 1000
+        if d < _STAMP_SPAN:
+            return scale << STAMP_SHIFT | d
+    return 3 << STAMP_SHIFT | (_STAMP_SPAN - 1)
+
+
+def state_time(open_ns: int, stamp: int) -> int:
+    """The CLOCK_MONOTONIC time a state stamp stands for; 0 for a state never entered."""
+    scale, value = stamp >> STAMP_SHIFT, stamp & (_STAMP_SPAN - 1)
+    if not scale:
+        return open_ns + value - 1 if stamp else 0
+    return open_ns + value * _STAMP_UNITS[scale]
 
 
 def field_reader(*names: str) -> struct.Struct:
@@ -334,7 +360,7 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
         raise DecodeError(f"record is {len(raw)} bytes, expected {EVENT_SIZE}")
     (ts, skaddr, kind, result, state, oldstate, netns,
      open_ns, tgid, fd, role, attrib, _flags, _lport, ino, tid, uid, *rest) = _EVENT_STRUCT.unpack(raw)
-    state_ns = tuple(rest[:TCP_STATES])
+    state_ns = tuple(state_time(open_ns, stamp) for stamp in rest[:TCP_STATES])
     (comm, accept_wait, acked, received, sent, retrans_bytes, segs_out, segs_in, retrans, srtt,
      backlog, family, sport, dport, peer_fin, saddr, daddr, rcvq_p50, rcvq_max) = rest[TCP_STATES:]
     try:

@@ -731,6 +731,11 @@ def test_connect_timeout_and_abort(monitor: Monitor, spawn: Spawner) -> None:
         assert 2.5e9 < to.ts_ns - to.state_ns[SYN_SENT] < 5e9
         assert to.total_retrans >= 1
         assert 0.3e9 <= ab.ts_ns - ab.state_ns[SYN_SENT] < 2.5e9
+        # A state's time is kept relative to the first one (sockwatch.h, SW_STAMP_SHIFT):
+        # in ns within a second of it, in us beyond. CLOSE is stamped from the clock
+        # reading the record carries, so it comes back exact, or within the microsecond.
+        assert ab.state_ns[CLOSE] == ab.ts_ns
+        assert to.ts_ns - 1000 < to.state_ns[CLOSE] <= to.ts_ns
 
     with_retries(spawn, attempt)
 

@@ -70,7 +70,7 @@ def sw_event(
     s.open_ns = open_ns if open_ns is not None else min(
         (t for t in (state_ns or {}).values() if t), default=0)
     for st, t in (state_ns or {}).items():
-        s.state_ns[st] = t
+        s.state_stamp[st] = records.state_stamp(s.open_ns, t) if t else 0
     s.ino, s.tgid, s.tid, s.fd, s.uid = ino, tgid, tid, fd, uid
     s.lport, s.role, s.attrib, s.flags = lport, int(role), int(attrib), flags
     s.comm = comm

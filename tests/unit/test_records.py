@@ -24,7 +24,7 @@ FUZZ = settings(max_examples=400, database=None, deadline=None,
 
 def test_event_size_matches_ctypes_struct():
     """The decoder's struct format and the ctypes mirror must agree on the record size."""
-    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 312
+    assert records.EVENT_SIZE == ctypes.sizeof(records.SwEvent) == 256
     assert len(raw()) == records.EVENT_SIZE
 
 
@@ -290,3 +290,25 @@ def test_fuzz_mutated_real_record_only_decode_error(mutations, family):
     for off, val in mutations:
         buf[off] = val
     _decode_only_decode_errors(bytes(buf))
+
+
+@pytest.mark.parametrize("offset, unit", [
+    (0, 1), (1, 1), (999_999_999, 1), (2**30 - 2, 1),  # the first second: exact
+    (2**30 - 1, 1000), (61 * 10**9 + 123_456, 1000),  # up to 17 minutes: microseconds
+    (2**30 * 1000, 10**6), (3 * 86400 * 10**9 + 7, 10**6),  # up to 12 days: milliseconds
+    (2**30 * 10**6, 10**9), (400 * 86400 * 10**9, 10**9),  # beyond: seconds
+])
+def test_state_stamp_keeps_each_time_to_its_unit(offset, unit):
+    """State times travel as 32-bit stamps relative to open_ns: a time comes back
+    rounded down to the unit its distance from open_ns allows, never later."""
+    open_ns = 5_000_000_000
+    back = records.state_time(open_ns, records.state_stamp(open_ns, open_ns + offset))
+    assert back == open_ns + offset - offset % unit
+
+
+def test_state_stamp_zero_means_never_and_far_times_saturate():
+    assert records.state_time(123, 0) == 0
+    assert records.state_stamp(123, 123) != 0  # entered at open_ns itself
+    assert records.state_stamp(500, 400) == records.state_stamp(500, 500)  # never before open
+    far = records.state_time(0, records.state_stamp(0, 10**20))
+    assert far == (2**30 - 1) * 10**9  # 34 years: the largest stamp
