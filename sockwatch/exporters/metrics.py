@@ -122,21 +122,26 @@ class SockwatchCollector(Collector):
             else:
                 by_kind[key.what][proc] += n
 
-        by_state: collections.Counter = collections.Counter()
+        by_state: collections.Counter = collections.Counter()  # (state number, process)
         listeners: collections.Counter = collections.Counter()
-        live_unpack = records.LIVE.unpack_from
+        procs: dict[bytes | str, str] = {}  # owner as the table gives it -> label value
+        listener = Role.LISTENER
         with mon.lock:
             table = mon.table
+            # The one loop per live row of a scrape (200k rows: about 0.1 s), under
+            # the lock: no call per row that a dict lookup can replace.
             for (state, role, b_recv, b_sent, b_retr, segs_retr, sport, fin), name in \
-                    table.scan(live_unpack):
-                proc = self._process(name)
-                by_state[(state_name(state), proc)] += 1
-                if role == Role.LISTENER:
+                    table.scan(records.LIVE.unpack_from):
+                proc = procs.get(name)
+                if proc is None:
+                    proc = procs[name] = self._process(name)
+                by_state[(state, proc)] += 1
+                if role == listener:
                     listeners[(self.ports(str(sport)), proc)] += 1
                     continue
                 # live payload so far; the kernel adds the final count at close
                 sent[proc] += b_sent - b_retr
-                received[proc] += max(0, b_recv - fin)
+                received[proc] += b_recv - fin if b_recv > fin else 0
                 retrans[proc] += segs_retr
             ended = table.ended_by_name()
             counters = dict(table.counters)
@@ -156,7 +161,8 @@ class SockwatchCollector(Collector):
                       "TCP state transitions seen in the kernel.", ["from", "to"],
                       {(state_name(o), state_name(n)): v for (o, n), v in transitions.items()})
         yield _family(GaugeMetricFamily, "connections", "Live TCP sockets by state and process.",
-                      ["state", "process"], by_state)
+                      ["state", "process"],
+                      {(state_name(state), proc): n for (state, proc), n in by_state.items()})
         yield _family(GaugeMetricFamily, "listening_sockets",
                       "Listening sockets by port and process.", ["port", "process"], listeners)
         for name, doc, values in (
