@@ -663,6 +663,8 @@ def churn_run(exe: Path, workdir: Path, args: argparse.Namespace, profile: bool 
         res["host_foreign_opens_per_s"] = max(0, round((o1 - o0 - 2 * done["ok"]) / (t1 - t0)))
         lb, la = losses(before), losses(after)
         res["lost_events"] = {k: la[k] - lb.get(k, 0.0) for k in la}
+        res["ringbuf"] = {"size_bytes": metric(after, "sockwatch_ringbuf_size_bytes", ring="events"),
+                          "peak_bytes": metric(after, "sockwatch_ringbuf_peak_bytes", ring="events")}
         counted = {}
         for key, name, labels in (
                 ("connects_ok", "sockwatch_connects_total",
@@ -773,6 +775,8 @@ def render(report: dict[str, Any]) -> str:
             f"  daemon RSS                 VmRSS {c['memory_mb']['VmRSS']} MB  "
             f"VmHWM {c['memory_mb']['VmHWM']} MB",
             f"  lost events                {c['lost_events']}",
+            f"  ring buffer                fullest {c['ringbuf']['peak_bytes']:.0f} of "
+            f"{c['ringbuf']['size_bytes']:.0f} bytes when read",
             f"  counted by the daemon      connects ok {dc['connects_ok']}, "
             f"accepts {dc['accepts']} of {c['connections_ok']} (None: our label was "
             "folded into 'other')",

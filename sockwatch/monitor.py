@@ -32,6 +32,7 @@ MAX_PENDING = 64  # drained batches kept for run()'s consumers
 UNOWNED_RETRY_S = 5.0
 UNOWNED_RETRY_MAX_S = 300.0
 SYNC_ATTEMPTS = 8  # drains per sync() while a record is still being written
+TABLE_WAIT_S = 0.02  # how often the ring is drained while another thread holds the table
 # Most of one core periodic walks may take. A walk of 200k sockets costs about
 # 0.6 s of CPU: every 5 s that was 12 % of a core on an idle host; the period
 # then stretches to 12 s. Walks of a few thousand sockets (tens of ms) keep the
@@ -128,14 +129,29 @@ class Monitor:
         """Drain the ring buffer into the tables without decoding: the hot path.
 
         Drain and apply happen under one lock, so once it is taken every record
-        drained earlier is in the table (reconcile relies on that).
+        drained earlier is in the table (reconcile relies on that). While another
+        thread holds the table (a scrape of 200k rows, a walk's chunk) the ring
+        keeps being drained every TABLE_WAIT_S into memory, and those batches are
+        applied in order once the table is free: a busy table never makes the
+        kernel drop records, however small the ring.
         """
         assert self._reader is not None, "start() first"
         with self._ring:
-            blob, offsets = self._reader.drain()
-            with self.lock:
-                self.table.apply_batch(blob, offsets)
-        return blob, offsets
+            batches = [self._reader.drain()]
+            while not self.lock.acquire(timeout=TABLE_WAIT_S):
+                batches.append(self._reader.drain())
+            try:
+                for blob, offsets in batches:
+                    self.table.apply_batch(blob, offsets)
+            finally:
+                self.lock.release()
+        if len(batches) == 1:
+            return batches[0]
+        offsets, shift = [], 0
+        for blob, part in batches:
+            offsets.extend(map(shift.__add__, part))
+            shift += len(blob)
+        return b"".join(blob for blob, _ in batches), offsets
 
     def sync(self) -> None:
         """Bring the tables up to date now (from any thread); run()'s consumers still
