@@ -868,14 +868,14 @@ class ConnTable:
         the slab: the fields a scrape needs, without a copy per row. The owner's
         pid, fd and attribution are in the record; the name is raw comm bytes, or
         the resolved name. Hold the lock the table is guarded by meanwhile.
-        Built from maps over the slots (no Python step per row): a scrape of 200k
-        rows spent half its time in the generator this was."""
+        Built from maps over the slots, lazily: a scrape of 200k rows spent half
+        its time in the generator this was, and lists of 200k new integers or
+        names would stay behind in the heap as fragments."""
         slab, slots = self._slab, list(self._index.values())
-        offsets = list(map(_SIZE.__mul__, slots))
         names = map(self._names.__getitem__, map(self._name.__getitem__, slots))
-        comms = map(itemgetter(0), map(_comm, repeat(slab), offsets))
-        owners = [name or comm for name, comm in zip(names, comms)]  # "": not resolved
-        return zip(map(unpack, repeat(slab), offsets), owners)
+        comms = map(itemgetter(0), map(_comm, repeat(slab), map(_SIZE.__mul__, slots)))
+        owners = (name or comm for name, comm in zip(names, comms))  # "": not resolved
+        return zip(map(unpack, repeat(slab), map(_SIZE.__mul__, slots)), owners)
 
     def namespaces(self) -> set[int]:
         """The network namespace inodes of the live rows, and maybe of some freed
