@@ -166,7 +166,7 @@ class HttpServer:
                     elif key.data is _WAKE:
                         self._handed_back()
                     else:
-                        key.data.advance(events)
+                        _guarded(key.data, key.data.advance, events)
                 self._expire()
         finally:
             for key in list(self._selector.get_map().values()):
@@ -206,7 +206,7 @@ class HttpServer:
                 conn, result = self._done.get_nowait()
             except queue.Empty:
                 return
-            conn.handed_back(result)
+            _guarded(conn, conn.handed_back, result)
 
     def _wait_for(self) -> float | None:
         """Seconds until the nearest deadline (None: no connection has one)."""
@@ -428,6 +428,16 @@ class _Conn:
             self.sock.close()
         except OSError:
             pass
+
+
+def _guarded(conn: _Conn, step: Callable[[Any], None], arg: Any) -> None:
+    """Run one step of a connection; a bug there closes that connection, not the
+    server (asyncio logged such an exception and served on, and so do we)."""
+    try:
+        step(arg)
+    except Exception:
+        log.exception("HTTP connection failed")
+        conn.close()
 
 
 def _close_parts(parts: Iterator[bytes]) -> None:

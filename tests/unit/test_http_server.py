@@ -126,3 +126,19 @@ def test_an_address_in_use_fails_at_start(serve):
     first = serve({"/ok": lambda req: Response(200, b"ok")})
     with pytest.raises(OSError):
         HttpServer("127.0.0.1", first.port, {}).start()
+
+
+def test_a_bug_in_one_connection_does_not_stop_the_server(serve, monkeypatch, caplog):
+    server = serve({"/ok": lambda req: Response(200, b"ok")})
+    refusal = HttpServer._refusal
+
+    def buggy(self, request):
+        if request.path == "/boom":
+            raise RuntimeError("bug")
+        return refusal(self, request)
+
+    monkeypatch.setattr(HttpServer, "_refusal", buggy)
+    assert raw(server, b"GET /boom HTTP/1.1\r\n\r\n") == b""  # closed, unanswered
+    assert "HTTP connection failed" in caplog.text
+    assert status(raw(server, b"GET /ok HTTP/1.1\r\n\r\n")) == 200
+    assert server._open == 0
