@@ -522,6 +522,10 @@ class Bench:
     live: list = field(default_factory=list)  # children to clean up on the way out
     names: set = field(default_factory=set)  # sockwatch's program names
     seq: int = 0
+    # Program ids of every engine this run started: freed only after an RCU grace
+    # period, a stopped engine's programs can still be listed (detached, never
+    # run) at the start of the next run, and are no sign of another sockwatch.
+    ours: set = field(default_factory=set)
 
     def _popen(self, cmd: list[str], stderr: Any = None) -> subprocess.Popen:
         proc = subprocess.Popen(
@@ -600,9 +604,10 @@ class Bench:
             result["load"] = read_json_line(load, duration + 60, "loadgen result")
             load.wait(timeout=30)
             # Other sockwatch instances (tests beside us) tax every run they overlap.
-            mine = set(result["ready"]["prog_ids"]) if eng else set()
+            if eng:
+                self.ours |= set(result["ready"]["prog_ids"])
             foreign |= set(bpftool_progs(self.names))
-            result["foreign_progs"] = sorted(foreign - mine)
+            result["foreign_progs"] = sorted(foreign - self.ours)
             if eng:
                 time.sleep(a.drain_wait)  # the last closes land in the ring buffer
                 result["engine_report"], result["engine_closed"] = self.finish_engine(eng)
