@@ -179,9 +179,11 @@ class HttpServer:
 
     # -- the loop's chores -------------------------------------------------------
     def _accept(self) -> None:
-        while self._listener is not None:
+        listener = self._listener
+        assert listener is not None, "start() registers it"
+        while True:
             try:
-                sock, _addr = self._listener.accept()
+                sock, _addr = listener.accept()
             except (BlockingIOError, ConnectionError):
                 return
             except OSError as exc:  # out of fds, say: the backlog keeps the rest waiting
@@ -296,8 +298,9 @@ class _Conn:
             selector.modify(self.sock, events, self)
         self.events = events
 
-    def advance(self, _ready: int) -> None:
-        """The socket is ready for what we waited on: go as far as it lets us."""
+    def advance(self, _ready: int = 0) -> None:
+        """Go as far as the socket lets us (it is ready for what we waited on, or
+        there is something new to send), then wait for what blocked us."""
         try:
             if self.shaking:
                 self.sock.do_handshake()
@@ -307,7 +310,9 @@ class _Conn:
                 self._send()
             elif self.parts is None and not self.admitted:
                 self._read()
-        except (BlockingIOError, ssl.SSLWantReadError):
+        except BlockingIOError:  # the kernel's buffer: full while sending, empty while reading
+            self._wait_on(selectors.EVENT_WRITE if self.out else selectors.EVENT_READ)
+        except ssl.SSLWantReadError:
             self._wait_on(selectors.EVENT_READ)
         except ssl.SSLWantWriteError:
             self._wait_on(selectors.EVENT_WRITE)
@@ -376,14 +381,7 @@ class _Conn:
     def _queue(self, data: bytes) -> None:
         self.out = memoryview(data)
         self._set_deadline()
-        try:
-            self._send()
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            self._wait_on(selectors.EVENT_WRITE)
-        except ssl.SSLWantReadError:
-            self._wait_on(selectors.EVENT_READ)
-        except OSError:
-            self.close()
+        self.advance()
 
     def _send(self) -> None:
         while self.out:

@@ -142,3 +142,20 @@ def test_a_bug_in_one_connection_does_not_stop_the_server(serve, monkeypatch, ca
     assert "HTTP connection failed" in caplog.text
     assert status(raw(server, b"GET /ok HTTP/1.1\r\n\r\n")) == 200
     assert server._open == 0
+
+
+def test_a_body_larger_than_the_socket_buffers_reaches_a_late_reader(serve):
+    """Sending stops whenever the kernel's send buffer is full and goes on once the
+    client has read: each time the server must wait for the socket to be writable
+    (waiting for it to be readable instead stalled until the deadline cut the
+    answer short)."""
+    body = bytes(range(256)) * (128 << 10)  # 32 MiB: many times the socket buffers
+    server = serve({"/big": lambda req: Response(200, body)})
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+        s.settimeout(5)
+        time.sleep(TIMEOUT / 2)  # the server fills the buffers and has to wait
+        got = bytearray()
+        while chunk := s.recv(1 << 20):
+            got += chunk
+    assert status(got) == 200 and got.endswith(body)
