@@ -65,7 +65,6 @@ _WALKED = records.field_reader("ts_ns", "skaddr", "sock.tgid", "sock.fd", "sock.
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
 _NETNS_OFFSET = records.SwEvent.netns.offset
-assert _NETNS_OFFSET % 4 == 0 and _SIZE % 4 == 0  # for namespaces()
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
 _owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO_AT = records.SwEvent.sock.offset + records.SwSock.ino.offset
@@ -211,7 +210,7 @@ def _reserve(slots: int) -> mmap.mmap:
                              "lower tables.max_connections") from None
 
 
-def _closed_row(stored: bytes | bytearray | mmap.mmap, so: int, alive: int, flags: int, name: str | None,
+def _closed_row(stored: bytes | mmap.mmap, so: int, alive: int, flags: int, name: str | None,
                 raw: bytes, ts: int, netns: int, tgid: int, fd: int, attrib: int) -> Row:
     """The closed row of a socket from its CLOSE record and the record we stored for
     it (at ``so`` in ``stored``; its resolved ``name``, if any): the record's owner if
@@ -877,13 +876,20 @@ class ConnTable:
         owners = (name or comm for name, comm in zip(names, comms))  # "": not resolved
         return zip(map(unpack, repeat(slab), map(_SIZE.__mul__, slots)), owners)
 
+    def _column(self, fmt: str, offset: int) -> memoryview:
+        """The field of format ``fmt`` at ``offset`` in every slot in use (freed ones
+        too), indexed by slot: a strided view of the slab, read at C speed. Hold
+        the table's lock while using it (a compaction replaces the slab)."""
+        size = struct.calcsize(fmt)
+        assert offset % size == 0 and _SIZE % size == 0, (fmt, offset)
+        words = memoryview(self._slab)[: self.capacity * _SIZE].cast(fmt)
+        return words[offset // size :: _SIZE // size]
+
     def namespaces(self) -> set[int]:
         """The network namespace inodes of the live rows, and maybe of some freed
         slots (0 for slots never used): read at C speed across the whole slab, so
         asking whether any row lives outside our namespace costs no row scan."""
-        with memoryview(self._slab)[: self.capacity * _SIZE] as raw, raw.cast("I") as words, \
-                words[_NETNS_OFFSET // 4 :: _SIZE // 4] as column:
-            return set(column)
+        return set(self._column("I", _NETNS_OFFSET))
 
     def select(self, where: Callable[[int, str, int, int, int], bool]) -> list[int]:
         """Keys of the live rows for which ``where(pid, name, state, sport, dport)``."""
@@ -905,30 +911,26 @@ class ConnTable:
             slots = [slot for slot in slots if self._needs_owner(slot, fds)]
         else:
             slots = self._slots_needing_owner(fds)
-        with memoryview(self._slab) as raw, raw.cast("Q") as words, raw.cast("I") as ints:
-            found = list(map(words[_KEY_AT // 8 :: _SIZE // 8].__getitem__, slots))
-            if keys is None:  # freed slots keep their last record: count those the index names
-                live = list(map(eq, map(index.get, found), slots))
-                slots, found = list(compress(slots, live)), list(compress(found, live))
-            pids = list(map(ints[_OWNER_OFFSET // 4 :: _SIZE // 4].__getitem__, slots))
-            inodes = list(map(words[_INO_AT // 8 :: _SIZE // 8].__getitem__, slots))
+        found = list(map(self._column("Q", _KEY_AT).__getitem__, slots))
+        if keys is None:  # freed slots keep their last record: count those the index names
+            live = list(map(eq, map(index.get, found), slots))
+            slots, found = list(compress(slots, live)), list(compress(found, live))
+        pids = list(map(self._column("I", _OWNER_OFFSET).__getitem__, slots))
+        inodes = list(map(self._column("Q", _INO_AT).__getitem__, slots))
         return zip(found, pids, inodes, map(self._alive.__getitem__, slots))
 
     def _slots_needing_owner(self, fds: bool) -> list[int]:
         """The slots, freed ones included, whose record _needs_owner would pick,
         found column by column: flags and attribution through translate tables,
         pid and fd through strided views, combined as one big integer per test."""
-        slab, cap = self._slab, self.capacity
-        with memoryview(slab)[: cap * _SIZE] as raw, raw.cast("I") as ints, \
-                raw.cast("i") as signed:
-            test = int.from_bytes(bytes(map(not_, ints[_OWNER_OFFSET // 4 :: _SIZE // 4])),
-                                  "little")
-            test |= int.from_bytes(slab[_ATTRIB_OFFSET : cap * _SIZE : _SIZE].translate(_GUESSED),
-                                   "little")
-            if fds:
-                fd_col = signed[(_OWNER_OFFSET + 4) // 4 :: _SIZE // 4]
-                test |= int.from_bytes(bytes(map((0).__gt__, fd_col)), "little")
+        test = int.from_bytes(bytes(map(not_, self._column("I", _OWNER_OFFSET))), "little")
+        test |= int.from_bytes(self._column("B", _ATTRIB_OFFSET).tobytes().translate(_GUESSED),
+                               "little")
+        if fds:
+            fd_col = self._column("i", _OWNER_OFFSET + 4)
+            test |= int.from_bytes(bytes(map((0).__gt__, fd_col)), "little")
         test &= int.from_bytes(self._flags.translate(_UNNAMED), "little")
+        cap = self.capacity
         return list(compress(range(cap), test.to_bytes(cap, "little")))
 
     def _needs_owner(self, slot: int, fds: bool) -> bool:
