@@ -239,6 +239,7 @@ def engine_child(argv: list[str]) -> int:
     ap.add_argument("--precise-accept", action="store_true")
     ap.add_argument("--ringbuf-bytes", type=int, default=0)
     ap.add_argument("--no-stack-latency", action="store_true")
+    ap.add_argument("--every-open", action="store_true")
     ap.add_argument("--raw", action="store_true",
                     help="diagnosis: drain the ring buffer but decode nothing")
     args = ap.parse_args(argv)
@@ -264,7 +265,7 @@ def engine_child(argv: list[str]) -> int:
 
     import_s = time.monotonic() - t_spawn
     cfg = LoaderConfig(precise_accept=args.precise_accept,
-                       stack_latency=not args.no_stack_latency)
+                       stack_latency=not args.no_stack_latency, hold_opens=not args.every_open)
     if args.ringbuf_bytes:
         cfg = dataclasses.replace(cfg, ringbuf_bytes=args.ringbuf_bytes)
     mon = Monitor(cfg)
@@ -546,6 +547,8 @@ class Bench:
             cmd += ["--ringbuf-bytes", str(int(self.args.ringbuf_mb * (1 << 20)))]
         if self.args.no_stack_latency:
             cmd.append("--no-stack-latency")
+        if self.args.every_open:
+            cmd.append("--every-open")
         if precise == "precise":
             cmd.append("--precise-accept")
         elif precise == "raw":
@@ -903,6 +906,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-getpid", action="store_true", help="connection loop only")
     ap.add_argument("--no-stack-latency", action="store_true",
                     help="the engine without the per-packet stack probes (the core alone)")
+    ap.add_argument("--every-open", action="store_true",
+                    help="the engine sends every OPEN at once, as for sockwatch trace "
+                    "(default: as the daemon, OPENs held until the next drain)")
     ap.add_argument("--ringbuf-mb", type=float, default=0,
                     help="experiment: give the engine a ring buffer of this size "
                     "(default: the product's)")

@@ -105,6 +105,25 @@ struct {
 	__type(value, struct sw_sock);
 } socks SEC(".maps");
 
+/*
+ * Held OPENs. Under churn most connections live for less than one tick of the
+ * reader, so their OPEN and CLOSE records reached user space together, and the
+ * CLOSE carries everything the OPEN did. With hold_opens set, announcing a
+ * connection puts its address here instead of sending an OPEN. At each drain
+ * the reader first runs release_opens (below), which sends the OPEN of every
+ * socket still held; a CLOSE that finds its socket still held takes it back
+ * and goes alone, flagged SW_FLAG_OPEN_HELD. A short connection costs one
+ * record per end instead of two, in the kernel and in user space.
+ */
+volatile __u32 hold_opens;	/* .bss: user space sets it at load and at run time */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);	/* full: the OPEN is sent at once */
+	__type(key, __u64);		/* struct sock * */
+	__type(value, __u8);
+} held SEC(".maps");
+
 /* Owner of each listening port, for accepted sockets no task ever touched. */
 struct listen_key {
 	__u32 netns;
@@ -411,6 +430,36 @@ static __always_inline void emit(const bool btf, struct sw_sock *s, const struct
 				      ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/*
+ * Announce connection @s: send its OPEN, or hold it back (see "held"). A stale
+ * entry at the same address (a socket whose close we never saw) is taken over:
+ * that socket's OPEN is never sent.
+ */
+static __always_inline void announce(const bool btf, struct sw_sock *s, const struct sock *sk,
+				     int oldstate, int newstate, __u64 now)
+{
+	__u64 key = (__u64)sk;
+	__u8 one = 1;
+
+	if (hold_opens && !bpf_map_update_elem(&held, &key, &one, BPF_ANY)) {
+		s->flags |= SW_FLAG_OPEN_HELD;
+		s->lport = RD(sk, __sk_common.skc_num);	/* as emit() keeps it */
+		return;
+	}
+	emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+}
+
+/*
+ * Before the CLOSE of @s: take its held OPEN back, so the CLOSE goes alone
+ * and says so (SW_FLAG_OPEN_HELD stays set). If release_opens sent it first,
+ * the flag is cleared: this CLOSE ends a row user space has.
+ */
+static __always_inline void take_back(struct sw_sock *s, __u64 key)
+{
+	if ((s->flags & SW_FLAG_OPEN_HELD) && bpf_map_delete_elem(&held, &key))
+		s->flags &= ~SW_FLAG_OPEN_HELD;
+}
+
 /* Add @val to the running total @what of task @comm (NULL: owner unknown). */
 static __always_inline void add_total(const char *comm, __u8 what, __u8 result, __u16 port,
 				      __u64 val)
@@ -479,7 +528,7 @@ static __always_inline void claim_accepted(const bool btf, struct sw_sock *s,
 		s->accept_wait_ns = now - established;
 		hist_observe(&hists, SW_HIST_ACCEPT_QUEUE, s->accept_wait_ns);
 	}
-	emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
+	announce(btf, s, sk, TCP_ESTABLISHED, TCP_ESTABLISHED, now);
 }
 
 static __always_inline __u8 classify_close(const bool btf, const struct sock *sk, int oldstate)
@@ -611,7 +660,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
 			observe_between(SW_HIST_HANDSHAKE_CLIENT,
 					stamp_time(s->open_ns, s->state_stamp[TCP_SYN_SENT]), now);
-			emit(btf, s, sk, NULL, SW_KIND_OPEN, SW_RESULT_OK, oldstate, newstate, now);
+			announce(btf, s, sk, oldstate, newstate, now);
 		}
 		return 0;
 	case TCP_FIN_WAIT1:
@@ -623,6 +672,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 	case TCP_CLOSE:
 		result = classify_close(btf, sk, oldstate);
 		read_counters(btf, &c, sk);
+		take_back(s, key);
 		/* Record first, totals second (as above). */
 		if (suppress_close)
 			percpu_inc(&stats, SW_STAT_SUPPRESSED_CLOSE);
@@ -915,6 +965,7 @@ static __always_inline int handle_destroy(const bool btf, const struct sock *sk)
 	percpu_inc(&stats, SW_STAT_LATE_CLOSE);
 	result = classify_close(btf, sk, TCP_ESTABLISHED);
 	read_counters(btf, &c, sk);
+	take_back(s, key);
 	emit(btf, s, sk, &c, SW_KIND_CLOSE, result, TCP_ESTABLISHED, TCP_CLOSE, now);
 	if (s->role != SW_ROLE_LISTENER)
 		account_close(s, &c, now);
@@ -974,5 +1025,45 @@ int dump_tcp(struct bpf_iter__tcp *ctx)
 		e->listen_backlog = tp->inet_conn.icsk_inet.sk.sk_max_ack_backlog;
 	}
 	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
+	return 0;
+}
+
+/*
+ * The reader's sweep of "held", run (bpf_iter_create) before each drain: send
+ * the OPEN of every socket still held. The record is reserved before the
+ * entry is taken, so a CLOSE that then fails to take it back (take_back)
+ * reserves after it: user space always reads the OPEN first. An entry whose
+ * socket is no longer tracked (evicted) goes without a record. The socket may
+ * be closing on another CPU meanwhile: its memory stays a sock under RCU, and
+ * whatever this OPEN reads, the CLOSE that follows it carries the truth.
+ */
+SEC("iter/bpf_map_elem")
+int release_opens(struct bpf_iter__bpf_map_elem *ctx)
+{
+	const bool btf = false;	/* the key is a bare address */
+	__u64 *addr = ctx->key;
+	struct sw_event *e;
+	struct sw_sock *s;
+	__u64 key;
+
+	if (!addr)
+		return 0;
+	key = *addr;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return 0;	/* full: held until the next sweep */
+	if (bpf_map_delete_elem(&held, &key) || !(s = bpf_map_lookup_elem(&socks, &key))) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return 0;
+	}
+	/*
+	 * Stamped when it was announced (established), as if sent then: never
+	 * later than its CLOSE, which the rescue ring's merge relies on.
+	 */
+	build_event(btf, e, s, (const struct sock *)key, NULL,
+		    stamp_time(s->open_ns, s->state_stamp[TCP_ESTABLISHED]) ?: s->open_ns);
+	e->kind = SW_KIND_OPEN;
+	e->oldstate = e->state;
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return 0;
 }

@@ -74,7 +74,12 @@ enum sw_stat {
 	SW_STAT_MAX = 12,
 };
 
-#define SW_FLAG_OPEN_SENT	1	/* an OPEN record left for this socket */
+#define SW_FLAG_OPEN_SENT	1	/* announced: an OPEN record was made for this socket */
+/*
+ * Its OPEN was held back (see "held" in lifecycle.bpf.c). In a CLOSE record:
+ * the OPEN was never sent, and this record stands for both.
+ */
+#define SW_FLAG_OPEN_HELD	2
 
 /*
  * Running totals kept in the kernel, so user space need not decode every

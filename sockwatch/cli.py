@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loader_config(args: argparse.Namespace) -> loader.LoaderConfig:
+def _loader_config(args: argparse.Namespace, hold_opens: bool = True) -> loader.LoaderConfig:
+    """The probes for a command: ``trace`` prints every OPEN as it comes, so it holds none."""
     return loader.LoaderConfig(attach_mode=args.attach, precise_accept=args.precise_accept,
-                               stack_latency=not args.no_stack_latency)
+                               stack_latency=not args.no_stack_latency, hold_opens=hold_opens)
 
 
 def _filter(args: argparse.Namespace) -> Filter:
@@ -371,7 +372,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _trace_remote(args, stop, printer)
         return 0
     flt = _filter(args)
-    with Monitor(_loader_config(args)) as mon:
+    with Monitor(_loader_config(args, hold_opens=False)) as mon:
         printer = trace_view.TracePrinter(sys.stdout, args.json, mon.started_ns)
         printer.header()
 

@@ -102,6 +102,8 @@ class Monitor:
         self.socks_entries = 0
         self.socks_evicted = 0
         self.walk_cpu_s = 0.0  # CPU time of the last periodic walk (run())
+        self._holding = self.cfg.hold_opens  # what the kernel was told (see send_every_open)
+        self._every_open_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------
     def start(self, loading: loader.Loading | None = None) -> None:
@@ -127,6 +129,7 @@ class Monitor:
     # -- keeping current ------------------------------------------------------------
     def poll_raw(self) -> tuple[bytes, Sequence[int]]:
         """Drain the ring buffer into the tables without decoding: the hot path.
+        OPENs the kernel still holds are released into it first.
 
         Drain and apply happen under one lock, so once it is taken every record
         drained earlier is in the table (reconcile relies on that). While another
@@ -137,6 +140,8 @@ class Monitor:
         """
         assert self._reader is not None, "start() first"
         with self._ring:
+            self._hold_opens()
+            self._reader.release_held()
             batches = [self._reader.drain()]
             while not self.lock.acquire(timeout=TABLE_WAIT_S):
                 batches.append(self._reader.drain())
@@ -152,6 +157,18 @@ class Monitor:
             offsets.extend(map(shift.__add__, part))
             shift += len(blob)
         return b"".join(blob for blob, _ in batches), offsets
+
+    def send_every_open(self, seconds: float) -> None:
+        """Someone reads the event stream (the daemon's /api/events): for ``seconds``,
+        the kernel sends each OPEN as it happens instead of holding it until the next
+        drain, where the CLOSE of a short connection would have stood for it."""
+        self._every_open_until = time.monotonic() + seconds
+
+    def _hold_opens(self) -> None:
+        hold = self.cfg.hold_opens and time.monotonic() >= self._every_open_until
+        if hold != self._holding and self.probes is not None:
+            self.probes.hold_opens(hold)
+            self._holding = hold
 
     def sync(self) -> None:
         """Bring the tables up to date now (from any thread); run()'s consumers still

@@ -120,6 +120,8 @@ def decode_total_key(raw: bytes) -> TotalKey:
 
 STAT_COUNT = len(Stat)
 FLAG_OPEN_SENT = 1
+# In a CLOSE: the socket's OPEN was held back and never sent; the CLOSE stands for both.
+FLAG_OPEN_HELD = 2
 
 # Names as ss prints them, indexed by the kernel's TCP state number.
 TCP_STATE_NAMES = (
@@ -330,6 +332,7 @@ class ConnEvent:
     accept_wait_ns: int = 0
     rcvq_wait_p50_ns: int = 0
     rcvq_wait_max_ns: int = 0
+    open_held: bool = False  # a CLOSE whose OPEN was never sent: it stands for both
 
     @property
     def state_name(self) -> str:
@@ -359,7 +362,7 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
     if len(raw) != EVENT_SIZE:
         raise DecodeError(f"record is {len(raw)} bytes, expected {EVENT_SIZE}")
     (ts, skaddr, kind, result, state, oldstate, netns,
-     open_ns, tgid, fd, role, attrib, _flags, _lport, ino, tid, uid, *rest) = _EVENT_STRUCT.unpack(raw)
+     open_ns, tgid, fd, role, attrib, flags, _lport, ino, tid, uid, *rest) = _EVENT_STRUCT.unpack(raw)
     state_ns = tuple(state_time(open_ns, stamp) for stamp in rest[:TCP_STATES])
     (comm, accept_wait, acked, received, sent, retrans_bytes, segs_out, segs_in, retrans, srtt,
      backlog, family, sport, dport, peer_fin, saddr, daddr, rcvq_p50, rcvq_max) = rest[TCP_STATES:]
@@ -400,6 +403,7 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
             accept_wait_ns=accept_wait,
             rcvq_wait_p50_ns=rcvq_p50,
             rcvq_wait_max_ns=rcvq_max,
+            open_held=kind == Kind.CLOSE and bool(flags & FLAG_OPEN_HELD),
         )
     except ValueError as exc:  # an enum out of range
         raise DecodeError(str(exc)) from exc

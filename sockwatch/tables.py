@@ -85,6 +85,9 @@ _KIND_AT = records.SwEvent.kind.offset
 _RESULT_AT = records.SwEvent.result.offset
 _OPEN_NS_AT = records.SwEvent.sock.offset + records.SwSock.open_ns.offset
 _ROLE_AT = records.SwEvent.sock.offset + records.SwSock.role.offset
+_FLAGS_AT = records.SwEvent.sock.offset + records.SwSock.flags.offset
+_HELD = records.FLAG_OPEN_HELD
+_IS_HELD = bytes(int(bool(i & _HELD)) for i in range(256))
 _PAIRED_MIN = 64  # records in a batch below which the pre-pass costs more than it saves
 _ALIVE = records.field_reader("ts_ns", "sock.open_ns").unpack_from
 # A record's kind << 2 | the kind of the previous record at its address (0: none),
@@ -93,6 +96,8 @@ _PAIR_CLOSE = bytes(int(i == 9) for i in range(256))  # CLOSE after its OPEN
 _LONE_CLOSE = bytes(int(i in (8, 10)) for i in range(256))  # CLOSE first or after a CLOSE
 _REOPEN = 5  # OPEN after an OPEN: the first one's close was missed
 _IS_OPEN = bytes(int(i == _OPEN) for i in range(256))
+_IS_CLOSE = bytes(int(i == _CLOSE) for i in range(256))
+_IS_ZERO = bytes(int(i == 0) for i in range(256))
 _CLOSE_BIT = 32  # in the per-record counting code: (kind - 1) << 5 | role << 3 | result
 
 
@@ -123,9 +128,12 @@ def _columns(blob: bytes, offsets: Iterable[int]
 
 def _well_formed(u8: Callable[[int], bytes], kinds: bytes) -> bool:
     """Every record of a batch (read by ``_columns``) is of one of ``kinds``, with
-    a role, attribution and result this table knows."""
-    return not (u8(_KIND_AT).translate(None, kinds) or max(u8(_ROLE_AT)) >= _N_ROLES
-                or max(u8(_ATTRIB_OFFSET)) >= _N_ATTRIBS or max(u8(_RESULT_AT)) >= _N_RESULTS)
+    a role, attribution and result this table knows (checked by deleting the known
+    values: C speed, where max() steps through the bytes one by one)."""
+    return not (u8(_KIND_AT).translate(None, kinds)
+                or u8(_ROLE_AT).translate(None, bytes(range(_N_ROLES)))
+                or u8(_ATTRIB_OFFSET).translate(None, bytes(range(_N_ATTRIBS)))
+                or u8(_RESULT_AT).translate(None, bytes(range(_N_RESULTS))))
 
 
 @dataclass(slots=True)
@@ -496,7 +504,8 @@ class ConnTable:
                 flags_a[slot] = 0
                 name_a[slot] = 0
                 counters[_OPENED[role]] += 1
-            elif kind == _CLOSE and slot is not None and open_ns and quiet and ts >= alive_a[slot]:
+            elif (kind == _CLOSE and slot is not None and open_ns and quiet and ts >= alive_a[slot]
+                  and not blob[off + _FLAGS_AT] & _HELD):
                 # _close, for the close of a socket we saw open
                 del index[skaddr]
                 free.append(slot)
@@ -513,11 +522,12 @@ class ConnTable:
                 slab, alive_a, flags_a, name_a = self._slab, self._alive, self._flags, self._name
 
     def _pairs(self, blob: bytes, offsets: Iterable[int]
-               ) -> tuple[list[int], list[int], list[int], bytes] | None:
+               ) -> tuple[list[int], list[int], list[int], bytes, list[int]] | None:
         """For a batch as the ring buffer drains it (evenly spaced records): the
-        positions of each CLOSE that comes right after its socket's OPEN, of those
-        OPENs, and of every other record, and a counting code per record; None
-        when the batch must be applied one record at a time.
+        positions of each CLOSE that comes right after its socket's OPEN, or whose
+        OPEN the kernel held back (the CLOSE is then its own OPEN), of those OPENs,
+        and of every other record, a counting code per record, and the number of
+        held OPENs by role; None when the batch must be applied one record at a time.
 
         Applied one by one, such an OPEN takes a free slot and its CLOSE gives it
         back through the inline paths; that is certain, for every pair at once, when:
@@ -526,7 +536,9 @@ class ConnTable:
         - every record is a valid OPEN or CLOSE, and no OPEN follows an OPEN at its
           address: then each address is free whenever one of its OPENs comes,
           provided a socket live before the batch starts with a CLOSE that ends it;
-        - both records of each pair carry an open time, the CLOSE's not older.
+        - both records of each pair carry an open time, the CLOSE's not older;
+        - a held CLOSE follows no OPEN at its address, and its address has no live
+          row unless a CLOSE before it in the batch ended that row.
         Columns are read through strided views and compared with builtins, so the
         cost per record is a few C-level steps, not a Python iteration.
         """
@@ -539,6 +551,73 @@ class ConnTable:
         u8, u64 = columns
         kinds, roles, results = u8(_KIND_AT), u8(_ROLE_AT), u8(_RESULT_AT)
         keys = u64(_KEY_AT).tolist()
+        ones = ((1 << 8 * n) - 1) // 255
+        # A CLOSE whose OPEN the kernel held back is a pair by itself (its own OPEN).
+        held = (int.from_bytes(u8(_FLAGS_AT).translate(_IS_HELD), "little")
+                & int.from_bytes(kinds.translate(_IS_CLOSE), "little"))
+        if held:
+            # OPENs are held (the daemon's way): pairs are CLOSEs by themselves. The
+            # few OPENs the sweep released, and the other records at their addresses
+            # or at a live row's, may need one-by-one treatment (_sort_out_at).
+            is_held = bytearray(held.to_bytes(n, "little"))
+            special = set(compress(keys, kinds.translate(_IS_OPEN)))
+            if not self._index.keys().isdisjoint(keys):
+                special |= self._index.keys() & set(keys)
+            if special:
+                self._sort_out_at(special, is_held, keys, kinds, u64)
+            closes = opens = list(compress(range(n), is_held))
+            rest = list(compress(range(n), is_held.translate(_IS_ZERO)))
+            opened = list(compress(u64(_OPEN_NS_AT).tolist(), is_held))
+            if not closes or not (min(opened) and all(
+                    map(ge, compress(u64(_TS_AT).tolist(), is_held), opened))):
+                return None
+        else:
+            found = self._pair_up(keys, kinds, u64)
+            if found is None:
+                return None
+            closes, opens, rest = found
+        counting = ((int.from_bytes(kinds, "little") - ones) << 5
+                    | int.from_bytes(roles, "little") << 3
+                    | int.from_bytes(results, "little")).to_bytes(n, "little")
+        held_roles = bytes(map(roles.__getitem__, closes)) if held else b""
+        return closes, opens, rest, counting, list(map(held_roles.count, range(_N_ROLES)))
+
+    def _sort_out_at(self, special: set[int], is_held: bytearray, keys: list[int],
+                     kinds: bytes, u64: Callable[[int], memoryview]) -> None:
+        """Clear ``is_held`` for the held CLOSEs at ``special`` addresses that one by
+        one would not find free. Walks the records at those addresses in order as
+        the one-by-one path would apply them: an OPEN at a free address takes it, a
+        CLOSE at or after the row's alive time frees it; anything else (an OPEN over
+        a row, a held CLOSE at a row, an older CLOSE) leaves the address to the
+        one-by-one path from there on."""
+        ts, open_ns, index, alive_since = u64(_TS_AT), u64(_OPEN_NS_AT), self._index, self._alive
+        unknown = -1
+        row: dict[int, int | None] = {}  # address -> its row's alive time; None: free
+        for i in compress(range(len(keys)), map(special.__contains__, keys)):
+            key = keys[i]
+            if key in row:
+                alive = row[key]
+            else:
+                slot = index.get(key)
+                alive = None if slot is None else alive_since[slot]
+            if alive == unknown:
+                is_held[i] = 0
+            elif kinds[i] == _OPEN:
+                row[key] = unknown if alive is not None else open_ns[i] or ts[i]
+            elif is_held[i]:
+                if alive is not None:
+                    is_held[i] = 0
+                    row[key] = unknown
+                else:
+                    row[key] = None
+            elif alive is not None:
+                row[key] = None if ts[i] >= alive else unknown
+
+    def _pair_up(self, keys: list[int], kinds: bytes, u64: Callable[[int], memoryview]
+                 ) -> tuple[list[int], list[int], list[int]] | None:
+        """``_pairs`` for a batch of OPENs sent at once: each CLOSE right after its
+        socket's OPEN makes a pair with it, matched by address."""
+        n = len(keys)
         # Position of the previous record at the same address (n: none), in one pass:
         # zip looks each record up before storing its own position. ``last`` ends
         # holding each address's last position.
@@ -554,7 +633,7 @@ class ConnTable:
         if not closes:
             return None
         opens = list(map(prev.__getitem__, closes))
-        ts, open_ns = u64(_TS_AT), u64(_OPEN_NS_AT)
+        ts, open_ns = u64(_TS_AT).tolist(), u64(_OPEN_NS_AT).tolist()
         alive = list(map(open_ns.__getitem__, opens))
         if not (min(alive) and min(map(open_ns.__getitem__, closes))
                 and all(map(ge, map(ts.__getitem__, closes), alive))):
@@ -572,18 +651,17 @@ class ConnTable:
             if ended != len(live):
                 return None
         ends = list(last.values())
-        rest = sorted(lone + list(compress(ends, bytes(map(kinds.__getitem__, ends))
-                                           .translate(_IS_OPEN))))
-        ones = ((1 << 8 * n) - 1) // 255
-        counting = ((int.from_bytes(kinds, "little") - ones) << 5
-                    | int.from_bytes(roles, "little") << 3
-                    | int.from_bytes(results, "little")).to_bytes(n, "little")
-        return closes, opens, rest, counting
+        return closes, opens, sorted(lone + list(compress(ends, bytes(map(kinds.__getitem__, ends))
+                                                          .translate(_IS_OPEN))))
 
     def _apply_paired(self, blob: bytes, offsets: range, closes: list[int], opens: list[int],
-                      rest: list[int], counting: bytes) -> None:
-        """Count the pairs ``_pairs`` found, hand the closed ring those it can hold,
-        and apply the other records one by one, in batch order with the pairs."""
+                      rest: list[int], counting: bytes, held_opens: list[int]) -> None:
+        """Count the pairs ``_pairs`` found (and the OPENs that held CLOSEs stand for,
+        by role), hand the closed ring those it can hold, and apply the other records
+        one by one, in batch order with the pairs."""
+        for role, k in enumerate(held_opens):
+            if k:
+                self.counters[_OPENED[role]] += k
         counts = {c: counting.count(c) for c in set(counting)}
         for i in rest:
             counts[counting[i]] -= 1
@@ -684,6 +762,13 @@ class ConnTable:
         ts, skaddr, _kind, result, _st, _old, netns, open_ns, tgid, fd, role, attrib = h
         raw = bytes(blob[off : off + _SIZE])
         slot = self._index.get(skaddr)
+        if blob[off + _FLAGS_AT] & _HELD:
+            # Its OPEN was held back: this record announces the socket too. A row
+            # at its address alive before it is an earlier socket, closed unseen.
+            self.counters[_OPENED[role]] += 1
+            if slot is not None and open_ns > self._alive[slot]:
+                self._retire(skaddr, slot, open_ns, "stale_replaced")
+                slot = None
         if slot is not None and ts >= self._alive[slot]:
             o = slot * _SIZE
             if not open_ns and records.needs_tuple_from(raw):

@@ -27,6 +27,9 @@ from sockwatch.views import probes as probes_view
 from sockwatch.views.filters import Filter
 
 JSON = "application/json"
+# How long the kernel sends every OPEN at once after the last read of /api/events
+# (longer than a reader's longest wait, 30 s, between two reads).
+EVERY_OPEN_AFTER_READ_S = 60.0
 # What /api/processes needs of each live row: owner, state and counters.
 _BY_PROCESS = records.field_reader("state", "sock.tgid", "bytes_received", "bytes_sent",
                                    "bytes_retrans", "total_retrans", "peer_fin").unpack_from
@@ -78,7 +81,7 @@ class EventLog:
         raws = [blob[off : off + size] for first, blob, offsets in batches
                 for off in offsets[max(0, seq + 1 - first):]]
         events, _bad = records.decode_many(raws)
-        return last, [fields.event_dict(ev) for ev in events]
+        return last, fields.event_dicts(events)
 
 
 class SharedRender:
@@ -250,6 +253,9 @@ def build_routes(monitor: Monitor, registry: CollectorRegistry, events: EventLog
             wait = _int(req.query, "wait", 0, 30) or 0
         except BadQuery as exc:
             return _json({"error": str(exc)}, 400)
+        # A stream reader (trace --url) wants each OPEN as it happens, not only
+        # those of connections that outlive a drain: until it has been gone a while.
+        monitor.send_every_open(EVERY_OPEN_AFTER_READ_S)
         seq, evs = events.after(after, wait)
         return _json({"seq": seq, "events": evs})
 

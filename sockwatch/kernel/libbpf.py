@@ -73,6 +73,18 @@ class BpfProgInfo(_c.Structure):
     ]
 
 
+class _IterLinkInfo(_c.Structure):
+    """union bpf_iter_link_info, as its map member (the union is 16 bytes)."""
+
+    _fields_ = [("map_fd", _c.c_uint32), ("_rest", _c.c_uint32 * 3)]
+
+
+class _IterAttachOpts(_c.Structure):
+    """struct bpf_iter_attach_opts."""
+
+    _fields_ = [("sz", _c.c_size_t), ("link_info", _vp), ("link_info_len", _c.c_uint32)]
+
+
 _PRINT_FN = _c.CFUNCTYPE(_c.c_int, _c.c_int, _c.c_char_p, _vp)
 
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
@@ -86,6 +98,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__name": (_c.c_char_p, [_vp]),
     "bpf_program__set_autoload": (_c.c_int, [_vp, _c.c_bool]),
     "bpf_program__attach": (_vp, [_vp]),
+    "bpf_program__attach_iter": (_vp, [_vp, _vp]),
     "bpf_map__fd": (_c.c_int, [_vp]),
     "bpf_map__reuse_fd": (_c.c_int, [_vp, _c.c_int]),
     "bpf_map__set_max_entries": (_c.c_int, [_vp, _c.c_uint32]),
@@ -96,6 +109,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bpf_link__fd": (_c.c_int, [_vp]),
     "bpf_iter_create": (_c.c_int, [_c.c_int]),
     "bpf_map_lookup_elem": (_c.c_int, [_c.c_int, _vp, _vp]),
+    "bpf_map_update_elem": (_c.c_int, [_c.c_int, _vp, _vp, _c.c_uint64]),
     "libbpf_get_error": (_c.c_long, [_vp]),
     "libbpf_num_possible_cpus": (_c.c_int, []),
     "libbpf_set_print": (_vp, [_PRINT_FN]),
@@ -255,7 +269,7 @@ class BpfObject:
 
     def set_rodata(self, var: str, value: bytes) -> None:
         """Write a ``const volatile`` setting into .rodata before load."""
-        offset, size = self._datasec_var(".rodata", var)
+        offset, size = self.variable(".rodata", var)
         if len(value) != size:
             raise LibbpfError(f"{var} is {size} bytes in the object, got {len(value)}")
         sz = _c.c_size_t()
@@ -278,7 +292,8 @@ class BpfObject:
             raise LibbpfError(f"{self.path} has no BTF type {name!r}")
         return btf, lib().so.btf__type_by_id(btf, tid).contents
 
-    def _datasec_var(self, section: str, var: str) -> tuple[int, int]:
+    def variable(self, section: str, var: str) -> tuple[int, int]:
+        """(offset, size) of global ``var`` in ``section`` (.rodata, .bss)."""
         btf, sec = self._type(section, BTF_KIND_DATASEC)
         infos = _c.cast(_c.addressof(sec) + _c.sizeof(_BtfType), _c.POINTER(_BtfVarSecinfo))
         for i in range(sec.info & 0xFFFF):
@@ -323,6 +338,22 @@ class BpfObject:
         if not ptr or err:
             raise LibbpfError(
                 f"cannot attach {program}: {os.strerror(err)}", err, L.take_log()
+            )
+        return Link(ptr, program)
+
+    def attach_map_iter(self, program: str, map_name: str) -> Link:
+        """Attach an iter/bpf_map_elem program to this object's map ``map_name``
+        (the generic attach has no map to give it)."""
+        L = lib()
+        L.take_log()
+        info = _IterLinkInfo(map_fd=self.map_fd(map_name))
+        opts = _IterAttachOpts(_c.sizeof(_IterAttachOpts), _c.addressof(info), _c.sizeof(info))
+        ptr = L.so.bpf_program__attach_iter(self._program(program), _c.byref(opts))
+        err = _ptr_error(ptr)
+        if not ptr or err:
+            raise LibbpfError(
+                f"cannot attach {program} to map {map_name}: {os.strerror(err)}", err,
+                L.take_log()
             )
         return Link(ptr, program)
 
@@ -392,6 +423,14 @@ def read_percpu_u64_array(map_fd: int, entries: int) -> list[int]:
         else:
             out.append(sum(values))
     return out
+
+
+def write_u32(map_fd: int, key: int, value: int) -> None:
+    """Set one __u32 value of an array map (a global of .bss, a setting)."""
+    k, v = _c.c_uint32(key), _c.c_uint32(value)
+    rc = lib().so.bpf_map_update_elem(map_fd, _c.byref(k), _c.byref(v), 0)
+    if rc:
+        raise LibbpfError(f"cannot write map {map_fd}: {os.strerror(-rc)}", -rc)
 
 
 def program_info(prog_fd: int) -> BpfProgInfo:

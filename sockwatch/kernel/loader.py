@@ -44,6 +44,7 @@ from sockwatch.kernel.libbpf import (
     read_hash,
     read_percpu_u64_array,
     read_percpu_u64_hash,
+    write_u32,
 )
 from sockwatch.kernel.ringbuf import RingPair, RingReader
 from sockwatch.kernel import netns
@@ -77,6 +78,7 @@ _FUNCTION_PROGRAMS = {
 }
 SNAPSHOT_PROGRAM = "dump_tcp"
 OWNERS_PROGRAM = "dump_owners"  # bpf/owners.bpf.c, linked into lifecycle.bpf.o
+RELEASE_PROGRAM = "release_opens"  # iter/bpf_map_elem over the "held" map
 
 # The per-packet hooks of stack.bpf.o: hook (the kernel event), its role, and its
 # program per tracepoint flavour. tcp_sendmsg_locked has no classic variant: its
@@ -128,6 +130,11 @@ class LoaderConfig:
     # so three quarters (about 5k records, 120 ms at 10k connections/s) are
     # headroom for a reader held up; sockwatch_ringbuf_peak_bytes shows it.
     ringbuf_bytes: int = 2 << 20
+    # Hold each connection's OPEN back until the next drain: under churn most
+    # connections close first, and their CLOSE alone stands for both (see "held"
+    # in bpf/lifecycle.bpf.c). Off for whoever wants every OPEN as it happens
+    # (``sockwatch trace``); Probes.hold_opens() switches it at run time.
+    hold_opens: bool = False
     suppress_close: bool = False  # test-only: proves reconciliation repairs missed closes
     stack_latency: bool = True  # False: the per-packet stack programs are not loaded at all
     # True: try every attach type for the report (``sockwatch probes``), not only
@@ -139,7 +146,8 @@ class LoaderConfig:
         """From the ``[probes]`` section of the daemon's config (sockwatch.config)."""
         return cls(attach_mode=probes["attach"], precise_accept=probes["precise_accept"],
                    socks_max_entries=probes["socks_max_entries"],
-                   ringbuf_bytes=probes["ringbuf_bytes"], stack_latency=probes["stack_latency"])
+                   ringbuf_bytes=probes["ringbuf_bytes"], stack_latency=probes["stack_latency"],
+                   hold_opens=True)
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,8 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
     plan.hooks.append(HookChoice("snapshot", "iter", (SNAPSHOT_PROGRAM,), "iter/tcp"))
     plan.hooks.append(HookChoice("owners", "iter", (OWNERS_PROGRAM,),
                                  "iter/task_file: the process and fd holding each socket"))
+    plan.hooks.append(HookChoice("release", "iter", (RELEASE_PROGRAM,),
+                                 "iter/bpf_map_elem: sends the OPENs held back"))
     if cfg.stack_latency:
         for hook, (role, by_flavour) in _STACK_HOOKS.items():
             if tp in by_flavour:
@@ -304,7 +314,7 @@ class Attached:
 # The maps user space reads, by object; each object's other maps live as long as
 # its programs do.
 _LIFECYCLE_MAPS = ("events", "events_rescue", "stats", "transitions", "totals", "hists",
-                   "lost", "socks")
+                   "lost", "socks", ".bss")
 _STACK_MAPS = ("stack_hists", "ifaces")
 
 
@@ -348,6 +358,8 @@ class Probes:
         maps = handover.maps
         self._snapshot_link = next(a for a in self._attached if a.program == SNAPSHOT_PROGRAM)
         self._owners_link = next(a for a in self._attached if a.program == OWNERS_PROGRAM)
+        self._release_link = next(a for a in self._attached if a.program == RELEASE_PROGRAM)
+        self._bss_fd = maps[".bss"][0]
         self.ring = RingPair(*(RingReader(*maps[name], records.EVENT_SIZE)
                                for name in ("events", "events_rescue")))
         self._stats_fd = maps["stats"][0]
@@ -378,6 +390,21 @@ class Probes:
         link, size = self._owners_link, records.OWNER.size
         for chunk in read_records(create_iterator(link.link_fd, link.program), size, per_chunk):
             yield chunk[: len(chunk) - len(chunk) % size]
+
+    def hold_opens(self, on: bool) -> None:
+        """Hold OPENs back until the next release_held() (on), or send them at once."""
+        write_u32(self._bss_fd, 0, on)
+
+    def release_held(self) -> None:
+        """Run iter/bpf_map_elem over "held": the OPEN of every socket still held goes
+        into the ring buffer now, ahead of any CLOSE of it. Drains call this first."""
+        link = self._release_link
+        fd = create_iterator(link.link_fd, link.program)
+        try:
+            while os.read(fd, 64):  # the program writes nothing: one read walks it all
+                pass
+        finally:
+            os.close(fd)
 
     def stats(self) -> dict[records.Stat, int]:
         values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)
@@ -568,10 +595,14 @@ def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover
         # wake the reader early once a quarter of the ring is in use
         obj.set_rodata("wakeup_bytes", (cfg.ringbuf_bytes // 4).to_bytes(8, "little"))
         load_object(obj)
+        if obj.variable(".bss", "hold_opens") != (0, 4):
+            raise BpfObjectError(f"{lifecycle_path}: unexpected .bss layout; {BUILD_HINT}")
+        write_u32(obj.map_fd(".bss"), 0, cfg.hold_opens)
         for hook in plan.hooks:
             for program in hook.programs if not hook.stack else ():
                 try:
-                    links.append(obj.attach(program))
+                    links.append(obj.attach_map_iter(program, "held") if program == RELEASE_PROGRAM
+                                 else obj.attach(program))
                 except LibbpfError as exc:
                     raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
         stack = _load_stack(stack_path, obj, plan) if cfg.stack_latency else None

@@ -23,6 +23,10 @@ class EventReader:
         self.records_read += len(offsets) + bad
         return blob, offsets
 
+    def release_held(self) -> None:
+        """Have the kernel send the OPENs it holds back, so the next drain has them."""
+        self._probes.release_held()
+
     def wait(self, timeout_s: float) -> None:
         self._probes.ring.wait(timeout_s)
 

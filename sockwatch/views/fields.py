@@ -7,11 +7,13 @@ compared with ``ss -i`` field for field.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-from typing import Any
+from typing import Any, Iterable
 
 from sockwatch.records import (
     TCP_CLOSE,
+    TCP_ESTABLISHED,
     TCP_SYN_SENT,
     ConnEvent,
     Kind,
@@ -142,6 +144,24 @@ def handshake_s(row: dict[str, Any]) -> float | None:
     if start is None or "ESTAB" not in times:
         return None
     return round(times["ESTAB"] - start, 6)
+
+
+def event_dicts(events: Iterable[ConnEvent]) -> list[dict[str, Any]]:
+    """The trace lines of ``events``. A CLOSE whose OPEN the kernel held back (the
+    connection closed before the next drain) gives the connect or accept line it
+    stands for first, stamped when the connection was established, with the
+    counters an OPEN has (none yet)."""
+    out = []
+    for ev in events:
+        if ev.open_held:
+            established = ev.state_ns[TCP_ESTABLISHED]
+            out.append(event_dict(dataclasses.replace(
+                ev, kind=Kind.OPEN, ts_ns=established or ev.open_ns, state=TCP_ESTABLISHED,
+                oldstate=TCP_ESTABLISHED, result=Result.OK, open_held=False, bytes_acked=0,
+                bytes_received=0, bytes_sent=0, bytes_retrans=0, peer_fin=False, segs_out=0,
+                segs_in=0, total_retrans=0, srtt_us=0)))
+        out.append(event_dict(ev))
+    return out
 
 
 def event_dict(ev: ConnEvent) -> dict[str, Any]:

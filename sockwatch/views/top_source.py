@@ -92,7 +92,7 @@ class LocalSource:
             if info:
                 users[pid] = info.user
         loss = mon.loss()
-        return Sample(taken, rows, [fields.event_dict(ev) for ev in events], users,
+        return Sample(taken, rows, fields.event_dicts(events), users,
                       dataclasses.asdict(loss), self._modes,
                       mon.latency(), dropped)
 

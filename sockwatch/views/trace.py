@@ -19,8 +19,8 @@ Event = dict[str, Any]
 
 
 def dicts_of(events: list[ConnEvent], flt: Filter) -> list[Event]:
-    return [fields.event_dict(ev) for ev in events
-            if ev.kind != Kind.SNAPSHOT and flt.matches(ev, ev.tgid, ev.comm)]
+    return fields.event_dicts(ev for ev in events
+                              if ev.kind != Kind.SNAPSHOT and flt.matches(ev, ev.tgid, ev.comm))
 
 
 def _endpoint(e: Event, side: str) -> str:

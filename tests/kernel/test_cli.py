@@ -117,7 +117,8 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> tuple[str, str]:
 
 
 # -- probes -------------------------------------------------------------------------------
-LIFECYCLE_HOOKS = {"state", "destroy", "connect", "accept", "snapshot", "owners"}
+LIFECYCLE_HOOKS = {"state", "destroy", "connect", "accept", "snapshot", "owners",
+                   "release"}
 # the per-packet hooks of the stack latency layers, on by default
 STACK_HOOKS = {"tcp_sendmsg", "net_dev_queue", "net_dev_start_xmit", "net_dev_xmit",
                "netif_receive_skb", "tcp_probe", "sk_data_ready", "sock_recv_length"}

@@ -71,6 +71,9 @@ class FakeProbes:
     def skipped_runs(self) -> int:
         return 0
 
+    def release_held(self) -> None:
+        """Nothing is held: the ring is empty."""
+
 
 def monitor_over(probes: FakeProbes, read_links) -> Monitor:
     """A Monitor wired to ``probes`` as start() would, interface names read by ``read_links``."""

@@ -47,11 +47,12 @@ def test_fallback_plan_on_development_kernel():
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
         "owners": ("iter", ("dump_owners",)),
+        "release": ("iter", ("release_opens",)),
         **STACK_BTF,
     }
-    assert [h.hook for h in plan.hooks][:6] == ["state", "destroy", "connect", "accept", "snapshot",
-                                                "owners"]
-    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp", "dump_owners"} | {
+    assert [h.hook for h in plan.hooks][:7] == ["state", "destroy", "connect", "accept", "snapshot",
+                                                "owners", "release"]
+    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp", "dump_owners", "release_opens"} | {
         p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
@@ -75,7 +76,7 @@ def test_stack_latency_off_plans_no_stack_hook():
     plan = plan_attachments(feats(), LoaderConfig(stack_latency=False))
     assert not any(h.stack for h in plan.hooks)
     assert [h.hook for h in plan.hooks] == ["state", "destroy", "connect", "accept", "snapshot",
-                                            "owners"]
+                                            "owners", "release"]
 
 
 def test_stack_hooks_follow_the_tracepoint_flavour():
@@ -176,6 +177,7 @@ def test_fentry_allowed_uses_function_programs():
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
         "owners": ("iter", ("dump_owners",)),
+        "release": ("iter", ("release_opens",)),
         **STACK_BTF,
     }
     # precise_accept is moot when accept is hooked at the function: no syscall tax
