@@ -176,7 +176,7 @@ def main() -> None:
     print(f"{args.procs} processes holding {args.procs * (2 * args.pairs + 1)} loopback sockets "
           f"(started in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs, shared")
     try:
-        local = LocalSource(LoaderConfig(), Filter())
+        local = LocalSource(LoaderConfig(hold_opens=True), Filter())  # as `sockwatch top`
         try:
             baseline = statistics.median(table_baseline(local, args.frames))
             print(f"baseline: one `sockwatch table --json` snapshot {baseline * 1000:.1f} ms")

@@ -192,6 +192,25 @@ def test_event_dict_open_and_close():
     assert d["state"] == "ESTAB"
 
 
+def test_a_close_whose_open_was_held_gives_the_open_line_first():
+    """Views show the connect or accept a held CLOSE stands for: at the time the
+    connection was established, with no counters yet, then the close itself."""
+    held = dict(kind=Kind.CLOSE, state=CLOSE, oldstate=ESTAB, result=Result.OK,
+                ts_ns=3_000_000_000, flags=records.FLAG_OPEN_HELD)
+    for role, name in ((Role.CLIENT, "connect"), (Role.SERVER, "accept")):
+        opened, closed = fields.event_dicts([_known_record(role=role, **held)])
+        assert (opened["event"], opened["ts_ns"], opened["state"]) == (name, 1_250_000_000,
+                                                                        "ESTAB")
+        assert opened["bytes_sent"] == opened["bytes_received"] == opened["retransmits"] == 0
+        assert (opened["pid"], opened["fd"], opened["local_port"]) == (321, 4, 40001)
+        assert closed == fields.event_dict(_known_record(role=role, **held))
+        assert closed["bytes_sent"] == 13_000
+    # a CLOSE of a connection announced before (the flag is not set) is one line,
+    # and the flag means nothing on other kinds
+    assert len(fields.event_dicts([_known_record(**{**held, "flags": 0})])) == 1
+    assert len(fields.event_dicts([_known_record(flags=records.FLAG_OPEN_HELD)])) == 1
+
+
 def test_lifetime_is_zero_when_open_time_unknown():
     """A close of a socket that predates sockwatch has no lifetime, not a negative one."""
     assert fields.lifetime_ns(_known_record(kind=Kind.CLOSE, state_ns={})) == 0

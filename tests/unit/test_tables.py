@@ -76,6 +76,38 @@ def test_close_of_unknown_socket_lands_in_closed():
     assert tbl.ended[(Role.CLIENT, Result.REFUSED)] == 1
 
 
+def test_held_close_stands_for_its_open():
+    """A CLOSE whose OPEN the kernel held back counts the open too, and its closed
+    row is the whole connection; a row at its address alive before it is an earlier
+    socket whose close was missed (retired), while a row the walk found for this
+    very socket is simply closed, counted open once."""
+    held = dict(flags=records.FLAG_OPEN_HELD, tgid=9, comm=b"curl")
+    tbl = ConnTable()
+    tbl.apply(closed(skaddr=A, **held))
+    assert tbl.live == {} and tbl.counters["opened_client"] == 1
+    [gone] = tbl.recently_closed()
+    assert (gone.key, gone.tgid, gone.alive_since_ns, gone.closed_ns) == (A, 9, 1_000, 5_000)
+    assert tbl.ended[(Role.CLIENT, Result.OK)] == 1
+
+    tbl = ConnTable()
+    tbl.apply(opened(skaddr=A, t=100, tgid=10, comm=b"first"))
+    tbl.apply(closed(skaddr=A, **held))  # opened at 1_000: not the row's socket
+    assert tbl.live == {} and tbl.counters["stale_replaced"] == 1
+    assert tbl.counters["opened_client"] == 2
+    stale, gone = tbl.recently_closed()
+    assert (stale.tgid, stale.reconciled, gone.tgid, gone.reconciled) == (10, True, 9, False)
+
+    tbl = ConnTable()
+    tbl.begin_walk(2_000)
+    merge(tbl, snap(skaddr=A, t=2_000, state_ns={SYN_SENT: 1_000}, role=Role.CLIENT))
+    tbl.remove_missing(2_000, {NETNS})
+    tbl.apply(closed(skaddr=A, **held))
+    assert tbl.live == {} and "stale_replaced" not in tbl.counters
+    assert tbl.counters["opened_client"] == 1
+    [gone] = tbl.recently_closed()
+    assert gone.seen_by == "snapshot" and gone.closed_ns == 5_000
+
+
 def test_close_older_than_live_entry_does_not_remove_it():
     """A late CLOSE of an earlier socket at a reused address must not kill the new one."""
     tbl = ConnTable()
