@@ -9,13 +9,20 @@ numbered above ``seq``.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import threading
+import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from fakeprobes import FakeProbes, monitor_over
 from recfactory import raw
 from sockwatch import records
-from sockwatch.exporters.api import EventLog
+from sockwatch.exporters import api
+from sockwatch.exporters.api import EventLog, build_routes
+from sockwatch.exporters.http import Request
 from sockwatch.views import fields
 
 HEADER = 8  # the ring buffer's record header: offsets point past it
@@ -42,3 +49,27 @@ def test_after_returns_the_newest_records_numbered_in_order(seed):
             assert last == len(every)
             assert events == [fields.event_dict(records.decode(r))
                               for seq, r in kept.items() if seq > after]
+
+
+def test_reading_the_stream_has_the_kernel_send_every_open_for_a_while(monkeypatch):
+    """A reader of /api/events (trace --url) wants each OPEN as it happens: the
+    route asks the monitor, which tells the kernel at its next drain, and holds
+    OPENs back again once no reader has come for EVERY_OPEN_AFTER_READ_S."""
+    told: list[bool] = []
+    probes = FakeProbes([], {}, {}, enabled=False)
+    probes.hold_opens = told.append  # type: ignore[method-assign]
+    mon = monitor_over(probes, lambda ns: {})
+    mon.cfg = dataclasses.replace(mon.cfg, hold_opens=True)
+    mon._holding = True
+    routes = build_routes(mon, CollectorRegistry(auto_describe=False), EventLog(),
+                          threading.Event())
+    mon.poll_raw()
+    assert told == []  # holding, as configured
+    assert routes["/api/events"](Request("GET", "/api/events", {}, {})).status == 200
+    mon.poll_raw()
+    mon.poll_raw()
+    assert told == [False]
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + api.EVERY_OPEN_AFTER_READ_S + 1)
+    mon.poll_raw()
+    assert told == [False, True]
