@@ -132,3 +132,42 @@ def test_every_open_is_sent_while_someone_streams_events(holding, listener):
     holding.send_every_open(0)
     holding.poll()
     assert one_connection() == [(Kind.CLOSE, True)]
+
+
+def test_opens_the_ring_cannot_take_stay_held_until_a_later_drain(listener):
+    """A sweep into a full ring sends what fits; the rest stay held (nothing is
+    lost, nothing is counted lost) and go at the following drains, each before
+    its socket's CLOSE."""
+    mon = Monitor(LoaderConfig(hold_opens=True, ringbuf_bytes=4096))
+    mon.start()
+    pairs = []
+    try:
+        port = listener.getsockname()[1]
+        mon.poll()
+        lost = mon.loss().ringbuf_full
+        for _ in range(40):  # 80 OPENs held; one drain's ring holds 13 records
+            pairs.append(exchange(listener))
+        first = [e for e in ours(mon.poll(), port) if e.kind == Kind.OPEN]
+        assert 0 < len(first) < 2 * 40
+        opens = first
+        for _ in range(20):
+            if len(opens) == 2 * 40:
+                break
+            opens += [e for e in ours(mon.poll(), port) if e.kind == Kind.OPEN]
+        assert sorted(e.sport for e in opens if e.role == Role.CLIENT) == sorted(
+            cli.getsockname()[1] for cli, _ in pairs)
+        assert len({e.skaddr for e in opens}) == 2 * 40
+        closes = []
+        while pairs:  # a few at a time: this ring holds 13 records
+            for cli, acc in pairs[:5]:
+                cli.close()
+                acc.close()
+            del pairs[:5]
+            closes += [e for e in ours(mon.poll(), port) if e.kind == Kind.CLOSE]
+        assert len(closes) == 2 * 40 and not any(e.open_held for e in closes)
+        assert mon.loss().ringbuf_full == lost
+    finally:
+        for cli, acc in pairs:
+            cli.close()
+            acc.close()
+        mon.close()
