@@ -66,10 +66,11 @@ static __always_inline __u32 stamp_of(__u64 open_ns, __u64 at)
 	return (3U << SW_STAMP_SHIFT) | (d < span ? d : span - 1);
 }
 
-/* The CLOCK_MONOTONIC time a state stamp stands for; 0 for a state never entered. */
-static __always_inline __u64 stamp_time(__u64 open_ns, __u32 stamp)
+/* When @s first entered @state (CLOCK_MONOTONIC), from its stamp; 0: never. */
+static __always_inline __u64 stamp_time(const struct sw_sock *s, int state)
 {
-	__u64 v = stamp & ((1U << SW_STAMP_SHIFT) - 1);
+	__u32 stamp = s->state_stamp[state_slot(state)];
+	__u64 open_ns = s->open_ns, v = stamp & ((1U << SW_STAMP_SHIFT) - 1);
 
 	switch (stamp >> SW_STAMP_SHIFT) {
 	case 0:
@@ -517,13 +518,12 @@ static __always_inline bool unclaimed(const struct sw_sock *s)
 static __always_inline void claim_accepted(const bool btf, struct sw_sock *s,
 					   const struct sock *sk, __u8 attrib, __u64 now)
 {
-	__u64 established = stamp_time(s->open_ns, s->state_stamp[TCP_ESTABLISHED]);
+	__u64 established = stamp_time(s, TCP_ESTABLISHED);
 
 	set_owner(btf, s, sk, attrib);
 	s->flags |= SW_FLAG_OPEN_SENT;
 	add_total(s->comm, SW_TOTAL_ACCEPT, 0, RD(sk, __sk_common.skc_num), 1);
-	observe_between(SW_HIST_HANDSHAKE_SERVER, stamp_time(s->open_ns, s->state_stamp[TCP_SYN_RECV]),
-			established);
+	observe_between(SW_HIST_HANDSHAKE_SERVER, stamp_time(s, TCP_SYN_RECV), established);
 	if (established && now >= established) {
 		s->accept_wait_ns = now - established;
 		hist_observe(&hists, SW_HIST_ACCEPT_QUEUE, s->accept_wait_ns);
@@ -658,8 +658,7 @@ static __always_inline int handle_set_state(const bool btf, const struct sock *s
 		if (s->role == SW_ROLE_CLIENT) {
 			s->flags |= SW_FLAG_OPEN_SENT;
 			add_total(s->comm, SW_TOTAL_CONNECT, SW_RESULT_OK, 0, 1);
-			observe_between(SW_HIST_HANDSHAKE_CLIENT,
-					stamp_time(s->open_ns, s->state_stamp[TCP_SYN_SENT]), now);
+			observe_between(SW_HIST_HANDSHAKE_CLIENT, stamp_time(s, TCP_SYN_SENT), now);
 			announce(btf, s, sk, oldstate, newstate, now);
 		}
 		return 0;
@@ -1061,7 +1060,7 @@ int release_opens(struct bpf_iter__bpf_map_elem *ctx)
 	 * later than its CLOSE, which the rescue ring's merge relies on.
 	 */
 	build_event(btf, e, s, (const struct sock *)key, NULL,
-		    stamp_time(s->open_ns, s->state_stamp[TCP_ESTABLISHED]) ?: s->open_ns);
+		    stamp_time(s, TCP_ESTABLISHED) ?: s->open_ns);
 	e->kind = SW_KIND_OPEN;
 	e->oldstate = e->state;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
