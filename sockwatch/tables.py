@@ -560,9 +560,7 @@ class ConnTable:
             # few OPENs the sweep released, and the other records at their addresses
             # or at a live row's, may need one-by-one treatment (_sort_out_at).
             is_held = bytearray(held.to_bytes(n, "little"))
-            special = set(compress(keys, kinds.translate(_IS_OPEN)))
-            if not self._index.keys().isdisjoint(keys):
-                special |= self._index.keys() & set(keys)
+            special = set(compress(keys, kinds.translate(_IS_OPEN))) | (self._index.keys() & keys)
             if special:
                 self._sort_out_at(special, is_held, keys, kinds, u64)
             closes = opens = list(compress(range(n), is_held))
