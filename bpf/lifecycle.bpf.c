@@ -25,6 +25,7 @@
 #include "shared.bpf.h"
 #include "core_fixes.bpf.h"
 #include "read.bpf.h"
+#include "owners.bpf.h"
 
 #define AF_INET		2
 #define AF_INET6	10
@@ -989,10 +990,35 @@ int destroy_tp(struct trace_event_raw_tcp_event_sk *ctx)
 	return handle_destroy(false, ctx->skaddr);
 }
 
+/* Filled by map_owners (owners.bpf.c) just before the start-up walk. */
+struct holders_map holders SEC(".maps");
+
+/*
+ * Give a row no task attributed its holder from the fd tables, if map_owners
+ * found one (the map is empty but from the start-up walk to the next). The
+ * inode must match: the socket the holder held may have closed since, and its
+ * address gone to this one.
+ */
+static __always_inline void join_holder(struct sw_event *e)
+{
+	const struct sw_owner *o;
+
+	if (e->sock.attrib != SW_ATTRIB_NONE && e->sock.attrib != SW_ATTRIB_LISTENER)
+		return;
+	o = bpf_map_lookup_elem(&holders, &e->skaddr);
+	if (!o || o->ino != e->sock.ino)
+		return;
+	e->sock.tgid = o->tgid;
+	e->sock.fd = o->fd;
+	e->sock.attrib = SW_ATTRIB_FD_TABLE;
+	__builtin_memcpy(e->sock.comm, o->comm, sizeof(e->sock.comm));
+}
+
 /*
  * iter/tcp walks every TCP socket of the reader's network namespace. One record
  * per full socket (TIME_WAIT and request socks are skipped), joined with what
- * the socks map knows: the start-up seed and the periodic reconciliation.
+ * the socks map knows, and at start with the fd tables (join_holder): the
+ * start-up seed and the periodic reconciliation.
  */
 SEC("iter/tcp")
 int dump_tcp(struct bpf_iter__tcp *ctx)
@@ -1023,6 +1049,7 @@ int dump_tcp(struct bpf_iter__tcp *ctx)
 		e->sock.role = SW_ROLE_LISTENER;
 		e->listen_backlog = tp->inet_conn.icsk_inet.sk.sk_max_ack_backlog;
 	}
+	join_holder(e);
 	bpf_seq_write(ctx->meta->seq, e, sizeof(*e));
 	return 0;
 }

@@ -46,6 +46,7 @@ enum sw_attrib {
 	SW_ATTRIB_FIRST_IO = 4,		/* first send/recv by a task on an accepted socket */
 	SW_ATTRIB_CLOSE = 5,		/* close()/shutdown() by a task on an accepted socket */
 	SW_ATTRIB_LISTENER = 6,		/* never used by a task: owner of its listener */
+	SW_ATTRIB_FD_TABLE = 7,		/* its holder in the fd tables, joined by the start-up walk */
 };
 
 /* Counters of everything the kernel side could not deliver or keep. */
@@ -115,7 +116,7 @@ struct sw_lost_key {
 
 /*
  * One fd of one process that holds a TCP socket (bpf/owners.bpf.c): who holds
- * what, read at start and at each reconciliation instead of /proc/<pid>/fd.
+ * what, read instead of /proc/<pid>/fd, and the value of the holders map.
  */
 struct sw_owner {
 	__u64 skaddr;			/* kernel address of the sock: sw_event.skaddr */

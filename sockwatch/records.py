@@ -52,6 +52,7 @@ class Attrib(enum.IntEnum):
     FIRST_IO = 4
     CLOSE = 5
     LISTENER = 6
+    FD_TABLE = 7
 
 
 class Stat(enum.IntEnum):

@@ -39,9 +39,10 @@ from sockwatch import records
 from sockwatch.errors import SockwatchError
 from sockwatch.records import Attrib, ConnEvent, Kind, Result, Role
 
-# Attributions made by a task touching the socket; others are guesses.
-TASK_ATTRIBUTIONS = frozenset(
-    {Attrib.CONNECT, Attrib.LISTEN, Attrib.ACCEPT, Attrib.FIRST_IO, Attrib.CLOSE}
+# Attributions that name the socket's holder: made by a task touching the socket,
+# or read from the fd tables by the start-up walk; others are guesses.
+SURE_ATTRIBUTIONS = frozenset(
+    {Attrib.CONNECT, Attrib.LISTEN, Attrib.ACCEPT, Attrib.FIRST_IO, Attrib.CLOSE, Attrib.FD_TABLE}
 )
 _OPEN, _CLOSE, _SNAPSHOT = Kind.OPEN, Kind.CLOSE, Kind.SNAPSHOT
 _KINDS = frozenset(Kind)
@@ -50,18 +51,23 @@ _COMM = slice(records.COMM_OFFSET, records.COMM_OFFSET + records.COMM_LEN)
 _SIZE = records.EVENT_SIZE
 _hot = records.HOT.unpack_from
 # What a row keeps of its owner inside its stored record: the latest record's
-# time, and the owner's pid, fd and attribution.
-_stored = records.field_reader("ts_ns", "sock.tgid", "sock.fd", "sock.attrib").unpack_from
+# time, and the owner's pid, fd and attribution (and the socket's role between).
+_stored = records.field_reader("ts_ns", "sock.tgid", "sock.fd", "sock.role",
+                               "sock.attrib").unpack_from
 _OWNER = struct.Struct("<Ii")  # sock.tgid, sock.fd: adjacent in the record
 _OWNER_OFFSET = records.SwEvent.sock.offset + records.SwSock.tgid.offset
 _ATTRIB_OFFSET = records.SwEvent.sock.offset + records.SwSock.attrib.offset
 _KEY = records.field_reader("skaddr").unpack_from
-# The two spans of a record around the owner's pid and fd, for merge_snapshot:
-# [_A, _B) after the sock address, [_C, end) from sock.role on (attribution and
-# name included).
+# The spans of a record around its owner (pid, fd, attribution and name), for
+# merge_snapshot: [_A, _B) after the sock address, [_C, _D) from the attribution
+# to the name, [_E, end) after the name. The role, between fd and attribution,
+# is compared as a field.
 _A, _B = 16, _OWNER_OFFSET
-_C = _OWNER_OFFSET + _OWNER.size
-_WALKED = records.field_reader("ts_ns", "skaddr", "sock.tgid", "sock.fd", "sock.attrib").unpack_from
+_C = _ATTRIB_OFFSET + 1
+_D = records.COMM_OFFSET
+_E = _D + records.COMM_LEN
+_WALKED = records.field_reader("ts_ns", "skaddr", "sock.tgid", "sock.fd", "sock.role",
+                               "sock.attrib").unpack_from
 _comm = struct.Struct(f"{records.COMM_OFFSET}x{records.COMM_LEN}s").unpack_from
 _NETNS = records.field_reader("netns").unpack_from
 _NETNS_OFFSET = records.SwEvent.netns.offset
@@ -69,7 +75,7 @@ _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_fr
 _owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO_AT = records.SwEvent.sock.offset + records.SwSock.ino.offset
 # 1 for an attribution a task did not make (a guess: the fd tables must say who holds it)
-_GUESSED = bytes(int(i not in TASK_ATTRIBUTIONS) for i in range(256))
+_GUESSED = bytes(int(i not in SURE_ATTRIBUTIONS) for i in range(256))
 _MIN_SLOTS = 1024
 # Row flags
 _NAMED = 1  # the owner was read from the kernel's fd tables (Monitor.resolve_owners)
@@ -161,7 +167,7 @@ class Connection:
     @property
     def owner_is_guess(self) -> bool:
         """No task touched it while we watched: the fd tables must say who holds it."""
-        return self.tgid == 0 or self.ev.attrib not in TASK_ATTRIBUTIONS
+        return self.tgid == 0 or self.ev.attrib not in SURE_ATTRIBUTIONS
 
 
 class Row:
@@ -224,7 +230,7 @@ def _closed_row(stored: bytes | mmap.mmap, so: int, alive: int, flags: int, name
     it (at ``so`` in ``stored``; its resolved ``name``, if any): the record's owner if
     a task made it (or we knew none), else ours with its name; a known fd stays."""
     s_tgid, s_fd, s_attrib = _owner(stored, so)
-    takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+    takes = tgid and (attrib in SURE_ATTRIBUTIONS or s_tgid == 0)
     row = Row(raw, ts, alive, netns, tgid if takes else s_tgid, fd if fd >= 0 else s_fd,
               attrib if takes else s_attrib, "snapshot" if flags & _BY_SNAPSHOT else "event")
     if not takes:
@@ -731,8 +737,8 @@ class ConnTable:
         a task made it (a guess never replaces what a task or the fd tables told us), and
         a known fd never goes back to unknown."""
         slab, o = self._slab, slot * _SIZE
-        s_ts, s_tgid, s_fd, s_attrib = _stored(slab, o)
-        takes = tgid and (attrib in TASK_ATTRIBUTIONS or s_tgid == 0)
+        s_ts, s_tgid, s_fd, _s_role, s_attrib = _stored(slab, o)
+        takes = tgid and (attrib in SURE_ATTRIBUTIONS or s_tgid == 0)
         c = o + records.COMM_OFFSET
         if ts >= s_ts:
             comm = slab[c : c + records.COMM_LEN]
@@ -865,24 +871,30 @@ class ConnTable:
 
     def _unchanged(self, blob: bytes, off: int) -> int | None:
         """The slot of the walked record at ``off`` if applying it would change
-        nothing but the row's time; None if it must be applied. The slot may hold
-        an owner learned elsewhere (pid and fd; its name is kept beside the slab),
-        so those two are compared as _update would merge them; all else must be
-        the same bytes."""
+        nothing but the row's time; None if it must be applied. The owner (pid,
+        fd, attribution and name) is compared as _update would merge it: a walk
+        that names no owner leaves ours, however we learned it (an event, the fd
+        tables, a name kept beside the slab); one that names the same owner, or
+        only guesses beside ours, changes nothing either. All else must be the
+        same bytes."""
         if not 0 <= off <= len(blob) - _SIZE:
             return None
-        ts, key, tgid, fd, attrib = _WALKED(blob, off)
+        ts, key, tgid, fd, role, attrib = _WALKED(blob, off)
         slot = self._index.get(key)
         if slot is None:
             return None
         slab, o = self._slab, slot * _SIZE
-        s_ts, s_tgid, s_fd, _s_attrib = _stored(slab, o)
-        if (ts >= s_ts and (fd < 0 or fd == s_fd)
+        s_ts, s_tgid, s_fd, s_role, s_attrib = _stored(slab, o)
+        if not (ts >= s_ts and role == s_role and (fd < 0 or fd == s_fd)
                 and slab[o + _A : o + _B] == blob[off + _A : off + _B]
-                and slab[o + _C : o + _SIZE] == blob[off + _C : off + _SIZE]
-                # the owner stays ours, or it is the same owner, with no other name
-                and (not tgid or (attrib not in TASK_ATTRIBUTIONS and s_tgid)
-                     or (tgid == s_tgid and not self._name[slot]))):
+                and slab[o + _C : o + _D] == blob[off + _C : off + _D]
+                and slab[o + _E : o + _SIZE] == blob[off + _E : off + _SIZE]):
+            return None
+        if not tgid:
+            return slot
+        if attrib != s_attrib or slab[o + _D : o + _E] != blob[off + _D : off + _E]:
+            return None
+        if (attrib not in SURE_ATTRIBUTIONS and s_tgid) or (tgid == s_tgid and not self._name[slot]):
             return slot
         return None
 
@@ -1020,7 +1032,7 @@ class ConnTable:
         if self._flags[slot] & _NAMED:
             return False
         tgid, fd, attrib = _owner(self._slab, slot * _SIZE)
-        return tgid == 0 or attrib not in TASK_ATTRIBUTIONS or (fds and fd < 0)
+        return tgid == 0 or attrib not in SURE_ATTRIBUTIONS or (fds and fd < 0)
 
     def snapshot(self) -> list[Connection]:
         """Decoded copies of the live rows: views may keep them while the table moves on."""

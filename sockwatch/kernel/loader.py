@@ -78,7 +78,11 @@ _FUNCTION_PROGRAMS = {
 }
 SNAPSHOT_PROGRAM = "dump_tcp"
 OWNERS_PROGRAM = "dump_owners"  # bpf/owners.bpf.c, linked into lifecycle.bpf.o
+MAP_OWNERS_PROGRAM = "map_owners"  # the same walk into the "holders" map
+FORGET_OWNERS_PROGRAM = "forget_owners"  # iter/bpf_map_elem that empties "holders"
 RELEASE_PROGRAM = "release_opens"  # iter/bpf_map_elem over the "held" map
+# iter/bpf_map_elem programs and the map each walks
+_MAP_ITERATORS = {RELEASE_PROGRAM: "held", FORGET_OWNERS_PROGRAM: "holders"}
 
 # The per-packet hooks of stack.bpf.o: hook (the kernel event), its role, and its
 # program per tracepoint flavour. tcp_sendmsg_locked has no classic variant: its
@@ -255,7 +259,8 @@ def plan_attachments(feats: feat.KernelFeatures, cfg: LoaderConfig) -> Plan:
                 )
             )
     plan.hooks.append(HookChoice("snapshot", "iter", (SNAPSHOT_PROGRAM,), "iter/tcp"))
-    plan.hooks.append(HookChoice("owners", "iter", (OWNERS_PROGRAM,),
+    plan.hooks.append(HookChoice("owners", "iter",
+                                 (OWNERS_PROGRAM, MAP_OWNERS_PROGRAM, FORGET_OWNERS_PROGRAM),
                                  "iter/task_file: the process and fd holding each socket"))
     plan.hooks.append(HookChoice("release", "iter", (RELEASE_PROGRAM,),
                                  "iter/bpf_map_elem: sends the OPENs held back"))
@@ -345,6 +350,19 @@ class Handover:
                   for a in self.attached))
 
 
+def _run_iterator(link: Attached) -> int:
+    """One pass of the iterator attached by ``link``, read to its end; returns the
+    bytes it wrote (the programs run for their effect on maps write little)."""
+    fd = create_iterator(link.link_fd, link.program)
+    written = 0
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            written += len(chunk)
+    finally:
+        os.close(fd)
+    return written
+
+
 class Probes:
     """The attached lifecycle (and, optionally, stack) programs and the maps user
     space reads, all held by fd (see Handover)."""
@@ -357,8 +375,11 @@ class Probes:
         self.stack_enabled = any(a.stack for a in handover.attached)
         maps = handover.maps
         self._snapshot_link = next(a for a in self._attached if a.program == SNAPSHOT_PROGRAM)
-        self._owners_link = next(a for a in self._attached if a.program == OWNERS_PROGRAM)
-        self._release_link = next(a for a in self._attached if a.program == RELEASE_PROGRAM)
+        links = {a.program: a for a in self._attached}
+        self._owners_link = links[OWNERS_PROGRAM]
+        self._map_owners_link = links[MAP_OWNERS_PROGRAM]
+        self._forget_owners_link = links[FORGET_OWNERS_PROGRAM]
+        self._release_link = links[RELEASE_PROGRAM]
         self._bss_fd = maps[".bss"][0]
         self.ring = RingPair(*(RingReader(*maps[name], records.EVENT_SIZE)
                                for name in ("events", "events_rescue")))
@@ -391,6 +412,19 @@ class Probes:
         for chunk in read_records(create_iterator(link.link_fd, link.program), size, per_chunk):
             yield chunk[: len(chunk) - len(chunk) % size]
 
+    def map_owners(self) -> int:
+        """Run iter/task_file into the "holders" map: until forget_owners(), each
+        walk (snapshot_chunks) writes into the rows no task attributed the process
+        and fd holding the socket (Attrib.FD_TABLE), so nobody reads the holders.
+        Returns how many holders the full map could not take (0: the join is whole,
+        and a row it leaves unowned has no holder)."""
+        return _run_iterator(self._map_owners_link) // records.OWNER.size
+
+    def forget_owners(self) -> None:
+        """Empty the "holders" map: its entries cost kernel memory and go stale
+        (about 0.1 s for 200k)."""
+        _run_iterator(self._forget_owners_link)
+
     def hold_opens(self, on: bool) -> None:
         """Hold OPENs back until the next release_held() (on), or send them at once."""
         write_u32(self._bss_fd, 0, on)
@@ -398,13 +432,7 @@ class Probes:
     def release_held(self) -> None:
         """Run iter/bpf_map_elem over "held": the OPEN of every socket still held goes
         into the ring buffer now, ahead of any CLOSE of it. Drains call this first."""
-        link = self._release_link
-        fd = create_iterator(link.link_fd, link.program)
-        try:
-            while os.read(fd, 64):  # the program writes nothing: one read walks it all
-                pass
-        finally:
-            os.close(fd)
+        _run_iterator(self._release_link)
 
     def stats(self) -> dict[records.Stat, int]:
         values = read_percpu_u64_array(self._stats_fd, records.STAT_COUNT)
@@ -587,6 +615,7 @@ def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover
         for name in obj.program_names():
             obj.set_autoload(name, name in chosen)
         obj.set_max_entries("socks", cfg.socks_max_entries)
+        obj.set_max_entries("holders", cfg.socks_max_entries)
         obj.set_max_entries("events", cfg.ringbuf_bytes)
         obj.set_max_entries("events_rescue", max(cfg.ringbuf_bytes // 16, RESCUE_RING_MIN))
         obj.set_max_entries("sock_stack", cfg.socks_max_entries if cfg.stack_latency else 1)
@@ -601,8 +630,8 @@ def _load_here(cfg: LoaderConfig, paths: tuple[str, str, str]) -> tuple[Handover
         for hook in plan.hooks:
             for program in hook.programs if not hook.stack else ():
                 try:
-                    links.append(obj.attach_map_iter(program, "held") if program == RELEASE_PROGRAM
-                                 else obj.attach(program))
+                    links.append(obj.attach_map_iter(program, _MAP_ITERATORS[program])
+                                 if program in _MAP_ITERATORS else obj.attach(program))
                 except LibbpfError as exc:
                     raise AttachError(f"hook {hook.hook} ({hook.mode}): {exc}") from exc
         stack = _load_stack(stack_path, obj, plan) if cfg.stack_latency else None

@@ -6,7 +6,8 @@ reported (UDP, a raw socket of protocol TCP, a unix pair), each in our network
 namespace and in one the test makes; every holder forks, so each socket is
 held by two processes. The walk must report exactly the TCP fds /proc lists,
 with the sock address the iter/tcp rows use, and the monitor must then name the
-owner and fd of every pre-existing socket from it.
+owner and fd of every pre-existing socket from it: joined in the kernel by the
+start-up walk, or, when the kernel's holders map cannot take them all, here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import textwrap
 
 from sockwatch import records
-from sockwatch.kernel.loader import LoaderConfig
+from sockwatch.kernel.loader import LoaderConfig, Probes
 from sockwatch.monitor import Monitor
 from tests.kernel import daemon_util as du
 
@@ -46,6 +47,19 @@ os.waitpid(child, 0)
 """
 
 
+def _holders_maps() -> set[int]:
+    """Ids of the kernel's maps named "holders" (bpf/owners.bpf.h)."""
+    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {m["id"] for m in json.loads(out) if m.get("name") == "holders"}
+
+
+def _entries(map_id: int) -> list:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
 def _walk(mon: Monitor) -> list[tuple[int, int, int, int, bytes]]:
     assert mon.probes is not None
     return [row for chunk in mon.probes.owner_chunks()
@@ -60,8 +74,10 @@ def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair
     mon = None
     try:
         infos = [json.loads(h.stdout.readline()) for h in holders]
+        before = _holders_maps()
         mon = Monitor(LoaderConfig(stack_latency=False))
         mon.start()  # after the sockets exist: no hook saw them
+        [holders_map] = _holders_maps() - before
         walk = _walk(mon)
         assert records.OWNER.size == 40  # struct sw_owner
         by_pid: dict[int, dict[int, tuple[int, int, bytes]]] = {}
@@ -86,16 +102,17 @@ def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair
         assert by_pid[pid][cli][0] == by_pid[pid][dup][0]
 
         # Our namespace's sockets predate the monitor: their rows (keyed by the same
-        # address) get the holder with the lowest pid, its lowest fd, and its name.
+        # address) get the holder with the lowest pid, its lowest fd, and its name,
+        # joined by the start-up walk in the kernel.
         info = infos[0]
         truth = du.socket_fds(info["pid"])
         want = {addr_of_ino[truth[fd]]: fd for fd in sorted(info["tcp"], reverse=True)}
-        rows = {c.key: c for c in mon.connections(refresh=False) if c.key in want}
-        assert set(rows) == set(want)
-        for key, c in rows.items():
-            assert (c.tgid, c.fd, c.comm, c.ev.ino) == \
-                (min(info["pid"], info["child"]), want[key], "python", truth[want[key]])
-            assert c.seen_by == "snapshot"
+        _check_owners(mon, want, info, truth, records.Attrib.FD_TABLE)
+        # The kernel's holders map is emptied by the next walk, and the owners stay.
+        assert len(_entries(holders_map)) >= len(want)
+        mon.reconcile()
+        assert _entries(holders_map) == []
+        _check_owners(mon, want, info, truth, records.Attrib.FD_TABLE)
     finally:
         if mon is not None:
             mon.close()
@@ -103,3 +120,55 @@ def test_owner_walk_matches_proc_fd_in_every_namespace_and_after_fork(netns_pair
             h.stdin.close()
             h.wait(timeout=10)
             h.stdout.close()
+
+
+def _check_owners(mon: Monitor, want: dict[int, int], info: dict, truth: dict[int, int],
+                  attrib: records.Attrib) -> None:
+    """The rows of ``want`` (sock address -> lowest fd) name the holder's parent (the
+    lower pid), that fd, its name and inode, learned as ``attrib`` says."""
+    rows = {c.key: c for c in mon.connections(refresh=False) if c.key in want}
+    assert set(rows) == set(want)
+    for key, c in rows.items():
+        assert (c.tgid, c.fd, c.comm, c.ev.ino) == \
+            (min(info["pid"], info["child"]), want[key], "python", truth[want[key]])
+        assert c.seen_by == "snapshot" and c.ev.attrib == attrib
+
+
+def test_owners_the_kernel_map_cannot_hold_are_named_here(monkeypatch):
+    """With a holders map too small for the host's sockets (it is sized as the socks
+    map), the kernel joins what it holds and says how many it could not take; the
+    rest are read from the fd tables and named here, so every row still gets its
+    holder."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    missed: list[int] = []
+    real = Probes.map_owners
+
+    def counted(self: Probes) -> int:
+        missed.append(real(self))
+        return missed[-1]
+
+    monkeypatch.setattr(Probes, "map_owners", counted)
+    mon = None
+    try:
+        info = json.loads(holder.stdout.readline())
+        mon = Monitor(LoaderConfig(stack_latency=False, socks_max_entries=2))
+        mon.start()
+        # the map takes two sockets; both processes hold at least two more
+        assert len(missed) == 1 and missed[0] >= 4
+        truth = du.socket_fds(info["pid"])
+        addr = {ino: key for key, ino, _t, _f, _c in _walk(mon)}
+        want = {addr[truth[fd]]: fd for fd in sorted(info["tcp"], reverse=True)}
+        rows = {c.key: c for c in mon.connections(refresh=False) if c.key in want}
+        assert set(rows) == set(want)
+        for key, c in rows.items():
+            assert (c.tgid, c.fd, c.comm) == (min(info["pid"], info["child"]), want[key], "python")
+        joined = [c for c in mon.connections(refresh=False)
+                  if c.ev.attrib == records.Attrib.FD_TABLE]
+        assert len(joined) <= 2
+    finally:
+        if mon is not None:
+            mon.close()
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        holder.stdout.close()

@@ -46,13 +46,13 @@ def test_fallback_plan_on_development_kernel():
         "connect": ("state", ()),
         "accept": ("first-use/tp_btf", ("send_btf", "recv_btf")),
         "snapshot": ("iter", ("dump_tcp",)),
-        "owners": ("iter", ("dump_owners",)),
+        "owners": ("iter", ("dump_owners", "map_owners", "forget_owners")),
         "release": ("iter", ("release_opens",)),
         **STACK_BTF,
     }
     assert [h.hook for h in plan.hooks][:7] == ["state", "destroy", "connect", "accept", "snapshot",
                                                 "owners", "release"]
-    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp", "dump_owners", "release_opens"} | {
+    assert plan.programs == {"set_state_btf", "set_state_nested_btf", "destroy_btf", "destroy_nested_btf", "send_btf", "recv_btf", "dump_tcp", "dump_owners", "map_owners", "forget_owners", "release_opens"} | {
         p for _, progs in STACK_BTF.values() for p in progs}
     # no syscall hook unless asked for: it taxes every syscall on the host
     assert not any("accept_sys" in p for p in plan.programs)
@@ -176,7 +176,7 @@ def test_fentry_allowed_uses_function_programs():
         "connect": ("fentry", ("connect_fentry",)),
         "accept": ("fentry", ("accept_fexit",)),
         "snapshot": ("iter", ("dump_tcp",)),
-        "owners": ("iter", ("dump_owners",)),
+        "owners": ("iter", ("dump_owners", "map_owners", "forget_owners")),
         "release": ("iter", ("release_opens",)),
         **STACK_BTF,
     }

@@ -252,7 +252,8 @@ _KEYS = (0xFFFF888000001000, 0xFFFF888000002000)
 _row = st.fixed_dictionaries({
     "skaddr": st.sampled_from(_KEYS), "kind": st.sampled_from([Kind.OPEN, Kind.SNAPSHOT]),
     "tgid": st.sampled_from([0, 7, 9]), "fd": st.sampled_from([-1, 3, 4]),
-    "attrib": st.sampled_from([records.Attrib.NONE, records.Attrib.CONNECT]),
+    "attrib": st.sampled_from([records.Attrib.NONE, records.Attrib.CONNECT,
+                               records.Attrib.FD_TABLE]),
     "comm": st.sampled_from([b"", b"a", b"b"]), "bytes_sent": st.sampled_from([0, 5]),
     "dt": st.integers(-2, 3)})
 _step = st.one_of(
@@ -266,9 +267,14 @@ _ATTRIBUTED = {"skaddr": _KEYS[0], "kind": Kind.SNAPSHOT, "tgid": 7, "fd": -1,
                "attrib": records.Attrib.CONNECT, "comm": b"a", "bytes_sent": 0, "dt": 0}
 
 
+_UNOWNED = dict(_ATTRIBUTED, tgid=0, attrib=records.Attrib.NONE, comm=b"")
+_JOINED = dict(_ATTRIBUTED, fd=3, attrib=records.Attrib.FD_TABLE)
+
+
 @FUZZ
 @given(st.lists(_step, max_size=12))
 @example([("walk", [_ATTRIBUTED]), ("name", _KEYS[0], 7, 3), ("walk", [_ATTRIBUTED])])
+@example([("walk", [_JOINED]), ("walk", [_UNOWNED]), ("walk", [_JOINED])])
 def test_walk_rows_skipped_as_unchanged_leave_the_table_as_applying_them_would(steps):
     """merge_snapshot only moves the time of rows whose record did not change: any
     mix of records, owner lookups and walks ends in the state that applying

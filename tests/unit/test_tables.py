@@ -229,6 +229,24 @@ def test_guess_fills_an_unknown_owner():
     assert (_live(tbl, A).tgid, _live(tbl, A).comm) == (100, "master")
 
 
+def test_owner_joined_by_the_start_walk_is_sure_and_stays_through_later_walks():
+    """The start-up walk joins the fd tables into its rows (Attrib.FD_TABLE). That
+    owner is no guess: nobody looks it up again, a later guess leaves it, and
+    later walks, which name no owner for the socket, keep it with its name."""
+    tbl = ConnTable()
+    merge(tbl, snap(skaddr=A, t=1_000, tgid=300, fd=7, comm=b"nginx", attrib=Attrib.FD_TABLE))
+    conn = _live(tbl, A)
+    assert (conn.tgid, conn.fd, conn.comm, conn.owner_is_guess) == (300, 7, "nginx", False)
+    assert list(tbl.owners_to_find(fds=True)) == []
+    merge(tbl, snap(skaddr=A, t=2_000, tgid=0, fd=-1, comm=b""))
+    merge(tbl, snap(skaddr=A, t=3_000, tgid=0, fd=-1, comm=b"", bytes_sent=99))
+    merge(tbl, snap(skaddr=A, t=4_000, tgid=100, comm=b"master", attrib=Attrib.LISTENER,
+                    bytes_sent=99))
+    conn = _live(tbl, A)
+    assert (conn.tgid, conn.fd, conn.comm, conn.ev.attrib) == (300, 7, "nginx", Attrib.FD_TABLE)
+    assert (conn.ev.ts_ns, conn.ev.bytes_sent) == (4_000, 99)
+
+
 def test_closed_ring_is_bounded():
     """Recently closed rows are a ring: memory stays bounded under connection churn."""
     tbl = ConnTable(closed_capacity=3)
