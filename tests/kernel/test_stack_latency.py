@@ -223,8 +223,11 @@ def test_qdisc_wait_follows_a_tbf_rate_limit(probes: Probes, netns_pair, childre
     backlog over its drain rate; means, not medians, since the histogram's sum
     is exact and a log2 median is only known to a factor of 2 (a median 4.4
     times below the backlog's prediction once failed CI). The backlog is
-    sampled every 50 ms and packets differ in size, so the mean must be within
-    a factor of 2 of the prediction."""
+    sampled every 50 ms, packets differ in size and the kernel times one skb in
+    8, so the mean must be within a factor of 2 above the prediction and 3
+    below: over 26 runs here mean / prediction
+    ranged 0.48-1.30 (sampling the backlog every 10 ms did not narrow it), and
+    0.48 failed CI with a factor of 2."""
     pair = netns_pair
     key = ("tx", "qdisc", netns_inode(pair.a), ifindex(pair.a, pair.veth_a))
 
@@ -256,7 +259,7 @@ def test_qdisc_wait_follows_a_tbf_rate_limit(probes: Probes, netns_pair, childre
     predicted = statistics.fmean(busy) * 8 / RATE_BPS
     mean = mean_s(limited)
     assert count(limited) >= 40  # sampled: each timed packet counts SAMPLE_EVERY (8) times
-    assert predicted / 2 <= mean <= predicted * 2, (mean, predicted, limited)
+    assert predicted / 3 <= mean <= predicted * 2, (mean, predicted, limited)
     assert quantile_s(limited, 0.5) >= 2e-3, "a rate-limited queue must leave the microsecond range"
 
 
