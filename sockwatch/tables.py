@@ -74,7 +74,7 @@ _NETNS_OFFSET = records.SwEvent.netns.offset
 _SELECT = records.field_reader("state", "sock.tgid", "sport", "dport").unpack_from
 _owner = records.field_reader("sock.tgid", "sock.fd", "sock.attrib").unpack_from
 _INO_AT = records.SwEvent.sock.offset + records.SwSock.ino.offset
-# 1 for an attribution a task did not make (a guess: the fd tables must say who holds it)
+# 1 for a guessed attribution (not in SURE_ATTRIBUTIONS: the fd tables must say who holds it)
 _GUESSED = bytes(int(i not in SURE_ATTRIBUTIONS) for i in range(256))
 _MIN_SLOTS = 1024
 # Row flags
@@ -166,7 +166,8 @@ class Connection:
 
     @property
     def owner_is_guess(self) -> bool:
-        """No task touched it while we watched: the fd tables must say who holds it."""
+        """No task touched it while we watched, nor did the start-up walk find its
+        holder: the fd tables must say who holds it."""
         return self.tgid == 0 or self.ev.attrib not in SURE_ATTRIBUTIONS
 
 

@@ -374,8 +374,8 @@ class Probes:
         self._attached = handover.attached
         self.stack_enabled = any(a.stack for a in handover.attached)
         maps = handover.maps
-        self._snapshot_link = next(a for a in self._attached if a.program == SNAPSHOT_PROGRAM)
         links = {a.program: a for a in self._attached}
+        self._snapshot_link = links[SNAPSHOT_PROGRAM]
         self._owners_link = links[OWNERS_PROGRAM]
         self._map_owners_link = links[MAP_OWNERS_PROGRAM]
         self._forget_owners_link = links[FORGET_OWNERS_PROGRAM]
