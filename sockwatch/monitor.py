@@ -294,14 +294,17 @@ class Monitor:
         period = poll_interval if callable(poll_interval) else lambda: poll_interval
         every = reconcile_interval if callable(reconcile_interval) else lambda: reconcile_interval
         failure: list[BaseException] = []
+        reader = self._reader
+        assert reader is not None, "start() first"
 
         def reconciling() -> None:
             try:
                 wait = every()
                 while not stop.wait(wait):
-                    cpu = time.thread_time()
+                    cpu, read = time.thread_time(), reader.walk_read_cpu_s
                     self.reconcile()
-                    self.walk_cpu_s = time.thread_time() - cpu
+                    self.walk_cpu_s = (time.thread_time() - cpu
+                                       + reader.walk_read_cpu_s - read)
                     wait = max(every(), self.walk_cpu_s / WALK_CPU_SHARE)
             except BaseException as exc:  # re-raised by run() in its own thread
                 failure.append(exc)
@@ -309,8 +312,6 @@ class Monitor:
 
         walker = threading.Thread(target=reconciling, name="reconcile", daemon=True)
         walker.start()
-        reader = self._reader
-        assert reader is not None, "start() first"
         try:
             while not stop.is_set():
                 reader.wait(period())  # the timer, or a wake-up when the ring fills
