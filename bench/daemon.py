@@ -548,8 +548,9 @@ def live_run(n: int, exe: Path, workdir: Path, args: argparse.Namespace) -> dict
         res["start_to_first_scrape_s"] = round(first_s, 3)
         res["table_entries_at_first_scrape"] = metric(body.decode(), "sockwatch_table_entries",
                                                       table="connections")
-        m = re.search(r"ready in (\d+) ms", daemon.stderr())
+        m = re.search(r"ready in (\d+) ms \(([^)]*)\)", daemon.stderr())
         res["daemon_reported_ready_ms"] = int(m.group(1)) if m else None
+        res["daemon_start_split"] = m.group(2) if m else None
 
         lat, sizes, collect = [], [], []
         for _ in range(args.scrapes):
@@ -745,6 +746,7 @@ def render(report: dict[str, Any]) -> str:
             f"  start to first good scrape {r['start_to_first_scrape_s']:.3f} s "
             f"(daemon says ready in {r['daemon_reported_ready_ms']} ms; table had "
             f"{r['table_entries_at_first_scrape']:.0f} entries at that scrape)",
+            f"  daemon's start             {r['daemon_start_split']}",
             f"  scrape latency (n={s['n']})   p50 {s['p50']} ms  p99 {s['p99']} ms  "
             f"max {s['max']} ms  (collect p50 {r['collect_ms_p50']} ms)",
             f"  /metrics size              {r['metrics_bytes']} bytes, "

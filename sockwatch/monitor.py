@@ -66,6 +66,17 @@ class Loss:
     socks_evicted: int  # sockets the full socks LRU map forgot (as of the last walk)
 
 
+@dataclass(frozen=True)
+class StartTimes:
+    """Where a start's wall time went, for the daemon's log: a slow start on a
+    busy host is told apart from a slow kernel load."""
+
+    probes_s: float  # waiting for the probes to be loaded and attached
+    owners_s: float  # the kernel putting the fd tables in its holders map
+    walk_s: float  # the walk of every socket, read and merged into the table
+    sockets: int  # rows the walk read
+
+
 class Monitor:
     """The standalone engine behind ``table``, ``trace`` and (later) the daemon."""
 
@@ -102,6 +113,8 @@ class Monitor:
         self.socks_entries = 0
         self.socks_evicted = 0
         self.walk_cpu_s = 0.0  # CPU time of the last periodic walk (run())
+        self.start_times: StartTimes | None = None
+        self._walk_times = (0.0, 0.0, 0)  # the last walk's owners_s, walk_s, sockets
         self._holding = self.cfg.hold_opens  # what the kernel was told (see send_every_open)
         self._holders_mapped = False  # the kernel's "holders" map is filled (see reconcile)
         self._every_open_until = 0.0
@@ -110,10 +123,13 @@ class Monitor:
     def start(self, loading: loader.Loading | None = None) -> None:
         """Attach (or take the probes ``loading`` is attaching for this config) and
         fill the table from a kernel walk."""
+        began = time.monotonic()
         self.probes = (loading or loader.Loading(self.cfg, self._objects_dir)).probes()
         self._reader = EventReader(self.probes)
         self.started_ns = time.monotonic_ns()
+        probes_s = time.monotonic() - began
         self.reconcile(join_owners=True)
+        self.start_times = StartTimes(probes_s, *self._walk_times)
 
     def close(self) -> None:
         if self.probes is not None:
@@ -225,19 +241,22 @@ class Monitor:
             if self._holders_mapped:
                 probes.forget_owners()
             self._holders_mapped = join_owners
+            began = time.monotonic()
             joined = join_owners and probes.map_owners() == 0
+            mapped = time.monotonic()
             with self.lock:
                 self.table.begin_walk(time.monotonic_ns())
             taken = time.monotonic_ns()
-            self._merge(reader.walk())
+            rows = self._merge(reader.walk())
             walked = {self.netns}
             for ino, path in self._other_namespaces().items():
                 try:
                     chunks = reader.walk(path)
                 except OSError:
                     continue  # the namespace went away between finding and entering it
-                self._merge(chunks)
+                rows += self._merge(chunks)
                 walked.add(ino)
+            self._walk_times = (mapped - began, time.monotonic() - mapped, rows)
             self.sync()  # closes during the walk win over rows read before them
             with self.lock:
                 removed = self.table.remove_missing(taken, walked)
@@ -256,13 +275,16 @@ class Monitor:
         release_freed_heap()
         return removed
 
-    def _merge(self, chunks: Iterator[bytes]) -> None:
+    def _merge(self, chunks: Iterator[bytes]) -> int:
         """Merge a walk's rows chunk by chunk, each under the table lock, so the
-        ring buffer keeps being drained meanwhile and only one chunk is held."""
-        size = records.EVENT_SIZE
+        ring buffer keeps being drained meanwhile and only one chunk is held.
+        Returns the rows merged."""
+        size, rows = records.EVENT_SIZE, 0
         for chunk in chunks:
             with self.lock:
                 self.table.merge_snapshot(chunk, range(0, len(chunk), size))
+            rows += len(chunk) // size
+        return rows
 
     def _keep(self, batch: tuple[bytes, Sequence[int]]) -> None:
         """Hold a drained batch for run()'s consumers (bounded: they may be absent)."""
