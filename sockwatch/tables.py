@@ -225,13 +225,20 @@ def _reserve(slots: int) -> mmap.mmap:
                              "lower tables.max_connections") from None
 
 
+def _takes_owner(tgid: int, attrib: int, ours: int) -> bool:
+    """Whether a record's owner (pid ``tgid``, attribution ``attrib``) replaces the
+    row's (pid ``ours``): one a task made or the fd tables named does, a guess only
+    when we know no owner, and a record that names none never does."""
+    return bool(tgid) and (attrib in SURE_ATTRIBUTIONS or ours == 0)
+
+
 def _closed_row(stored: bytes | mmap.mmap, so: int, alive: int, flags: int, name: str | None,
                 raw: bytes, ts: int, netns: int, tgid: int, fd: int, attrib: int) -> Row:
     """The closed row of a socket from its CLOSE record and the record we stored for
     it (at ``so`` in ``stored``; its resolved ``name``, if any): the record's owner if
     a task made it (or we knew none), else ours with its name; a known fd stays."""
     s_tgid, s_fd, s_attrib = _owner(stored, so)
-    takes = tgid and (attrib in SURE_ATTRIBUTIONS or s_tgid == 0)
+    takes = _takes_owner(tgid, attrib, s_tgid)
     row = Row(raw, ts, alive, netns, tgid if takes else s_tgid, fd if fd >= 0 else s_fd,
               attrib if takes else s_attrib, "snapshot" if flags & _BY_SNAPSHOT else "event")
     if not takes:
@@ -739,7 +746,7 @@ class ConnTable:
         a known fd never goes back to unknown."""
         slab, o = self._slab, slot * _SIZE
         s_ts, s_tgid, s_fd, _s_role, s_attrib = _stored(slab, o)
-        takes = tgid and (attrib in SURE_ATTRIBUTIONS or s_tgid == 0)
+        takes = _takes_owner(tgid, attrib, s_tgid)
         c = o + records.COMM_OFFSET
         if ts >= s_ts:
             comm = slab[c : c + records.COMM_LEN]
@@ -895,7 +902,7 @@ class ConnTable:
             return slot
         if attrib != s_attrib or slab[o + _D : o + _E] != blob[off + _D : off + _E]:
             return None
-        if (attrib not in SURE_ATTRIBUTIONS and s_tgid) or (tgid == s_tgid and not self._name[slot]):
+        if not _takes_owner(tgid, attrib, s_tgid) or (tgid == s_tgid and not self._name[slot]):
             return slot
         return None
 
