@@ -481,7 +481,7 @@ def test_sockets_older_than_the_daemon_are_labelled_with_their_process(daemons, 
         f"/metrics labels before any API call: {before_api}; after one: {after_api}")
     # The ready line says where the start went; its walk read these sockets too.
     split = re.search(r"ready in \d+ ms \(waited \d+ ms for the probes; owners \d+ ms; "
-                      r"walk of (\d+) sockets \d+ ms\)", d.log())
+                      r"walk \d+ ms, sockets read (\d+)\)", d.log())
     assert split and int(split.group(1)) >= len(rows) > 0, d.log()
 
 
