@@ -353,14 +353,7 @@ class Handover:
 def _run_iterator(link: Attached) -> int:
     """One pass of the iterator attached by ``link``, read to its end; returns the
     bytes it wrote (the programs run for their effect on maps write little)."""
-    fd = create_iterator(link.link_fd, link.program)
-    written = 0
-    try:
-        while chunk := os.read(fd, 1 << 16):
-            written += len(chunk)
-    finally:
-        os.close(fd)
-    return written
+    return sum(map(len, read_records(create_iterator(link.link_fd, link.program), 1, 1 << 16)))
 
 
 class Probes:
