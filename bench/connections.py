@@ -260,7 +260,7 @@ def engine_child(argv: list[str]) -> int:
 
     t_spawn = time.monotonic()
     from sockwatch.kernel.loader import LoaderConfig
-    from sockwatch.monitor import Monitor
+    from sockwatch.monitor import Monitor, Walk
     import sockwatch
 
     import_s = time.monotonic() - t_spawn
@@ -328,7 +328,7 @@ def engine_child(argv: list[str]) -> int:
         def on_batch(blob: bytes, offsets: list[int]) -> None:
             delivered["records"] += len(offsets)
 
-        def timed_reconcile() -> int:
+        def timed_reconcile() -> Walk:
             t = time.monotonic()
             try:
                 return orig_reconcile()

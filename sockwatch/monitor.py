@@ -67,6 +67,16 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class Walk:
+    """What one reconciliation took and found."""
+
+    owners_s: float  # the kernel putting the fd tables in its holders map (0: not asked)
+    walk_s: float  # the walk of every socket, read and merged into the table
+    sockets: int  # rows the walk read
+    removed: int  # rows it found closed without their CLOSE
+
+
+@dataclass(frozen=True)
 class StartTimes:
     """Where a start's wall time went, for the daemon's log: a slow start on a
     busy host is told apart from a slow kernel load."""
@@ -114,7 +124,6 @@ class Monitor:
         self.socks_evicted = 0
         self.walk_cpu_s = 0.0  # CPU time of the last periodic walk (run())
         self.start_times: StartTimes | None = None
-        self._walk_times = (0.0, 0.0, 0)  # the last walk's owners_s, walk_s, sockets
         self._holding = self.cfg.hold_opens  # what the kernel was told (see send_every_open)
         self._holders_mapped = False  # the kernel's "holders" map is filled (see reconcile)
         self._every_open_until = 0.0
@@ -128,8 +137,8 @@ class Monitor:
         self._reader = EventReader(self.probes)
         self.started_ns = time.monotonic_ns()
         probes_s = time.monotonic() - began
-        self.reconcile(join_owners=True)
-        self.start_times = StartTimes(probes_s, *self._walk_times)
+        walk = self.reconcile(join_owners=True)
+        self.start_times = StartTimes(probes_s, walk.owners_s, walk.walk_s, walk.sockets)
 
     def close(self) -> None:
         if self.probes is not None:
@@ -218,7 +227,7 @@ class Monitor:
         pids = {pid for group in wanted.values() for pid in group if pid}
         return netns.find_paths(set(wanted), pids, self._proc_root)
 
-    def reconcile(self, join_owners: bool = False) -> int:
+    def reconcile(self, join_owners: bool = False) -> Walk:
         """Walk the kernel's sockets: fresh counters, seeds, and missed closes removed.
 
         Our namespace is always walked; other namespaces are walked when the table
@@ -256,7 +265,7 @@ class Monitor:
                     continue  # the namespace went away between finding and entering it
                 rows += self._merge(chunks)
                 walked.add(ino)
-            self._walk_times = (mapped - began, time.monotonic() - mapped, rows)
+            walked_s = time.monotonic() - mapped
             self.sync()  # closes during the walk win over rows read before them
             with self.lock:
                 removed = self.table.remove_missing(taken, walked)
@@ -273,7 +282,7 @@ class Monitor:
         # freed heap, so without this RSS stays at the largest ever seen
         # (measured: 94 -> 71 MB after 80k sockets closed; about 4 ms).
         release_freed_heap()
-        return removed
+        return Walk(mapped - began, walked_s, rows, removed)
 
     def _merge(self, chunks: Iterator[bytes]) -> int:
         """Merge a walk's rows chunk by chunk, each under the table lock, so the
