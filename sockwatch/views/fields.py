@@ -16,6 +16,8 @@ from sockwatch.records import (
     TCP_ESTABLISHED,
     TCP_SYN_SENT,
     ConnEvent,
+    TCP_STATE_NAMES,
+    Attrib,
     Kind,
     Result,
     Role,
@@ -25,6 +27,9 @@ from sockwatch.records import (
 from sockwatch.tables import Connection
 
 FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+# Looked up, not computed per row: a view of 200k connections makes a dict each.
+_ROLE_NAMES = {r: r.name.lower() for r in Role}
+_ATTRIB_NAMES = {a: a.name.lower() for a in Attrib}
 
 # ss's state names, accepted by --state in either spelling.
 STATE_ALIASES = {
@@ -79,6 +84,7 @@ def lifetime_ns(ev: ConnEvent) -> int:
 
 
 def _common(ev: ConnEvent) -> dict[str, Any]:
+    opened = ev.open_ns
     return {
         "netns": ev.netns,
         "family": FAMILY_NAMES.get(ev.family, str(ev.family)),
@@ -86,8 +92,8 @@ def _common(ev: ConnEvent) -> dict[str, Any]:
         "local_port": ev.sport,
         "remote_addr": ev.daddr,
         "remote_port": ev.dport,
-        "role": ev.role.name.lower(),
-        "attribution": ev.attrib.name.lower(),
+        "role": _ROLE_NAMES[ev.role],
+        "attribution": _ATTRIB_NAMES[ev.attrib],
         "ino": ev.ino,
         "uid": ev.uid,
         "bytes_sent": ev.payload_sent,
@@ -102,7 +108,7 @@ def _common(ev: ConnEvent) -> dict[str, Any]:
         "tcpi_bytes_retrans": ev.bytes_retrans,
         # seconds after the first state we saw, for each state it went through
         "state_times": {
-            state_name(i): round((t - ev.open_ns) / 1e9, 6)
+            TCP_STATE_NAMES[i]: round((t - opened) / 1e9, 6)
             for i, t in enumerate(ev.state_ns)
             if t
         },
