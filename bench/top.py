@@ -44,6 +44,7 @@ os.environ.setdefault("SOCKWATCH_BPF_DIR", str(ROOT / "sockwatch" / "bpf_objects
 from sockwatch.kernel.loader import LoaderConfig  # noqa: E402
 from sockwatch.views import table as table_view  # noqa: E402
 from sockwatch.views import top_screen as screen  # noqa: E402
+from sockwatch.views.top import collector_paused  # noqa: E402
 from sockwatch.views.filters import Filter  # noqa: E402
 from sockwatch.views.top_model import TopModel  # noqa: E402
 from sockwatch.views.top_source import LocalSource, RemoteSource, Source  # noqa: E402
@@ -105,11 +106,12 @@ def frames(source: Source, n: int, pause: float) -> dict[str, list[float]]:
                                      "render 200x60": [], "rows": []}
     for _ in range(n):
         time.sleep(pause)
-        t0 = time.perf_counter()
-        sample = source.sample()
-        t1 = time.perf_counter()
-        frame = model.update(sample)
-        t2 = time.perf_counter()
+        with collector_paused():  # as Sampler.step makes a frame
+            t0 = time.perf_counter()
+            sample = source.sample()
+            t1 = time.perf_counter()
+            frame = model.update(sample)
+            t2 = time.perf_counter()
         state = screen.UIState()
         screen.render(frame, source.label, state, 80, 24)
         t3 = time.perf_counter()

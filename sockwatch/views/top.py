@@ -12,20 +12,35 @@ leaves every cell of an 80x24 screen under our control; see README.md.
 
 from __future__ import annotations
 
+import contextlib
 import curses
+import gc
 import json
 import os
 import shutil
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from sockwatch.views import top_screen as screen
 from sockwatch.views.top_model import Frame, TopModel
 from sockwatch.views.top_source import Source
 
 ESC = 27
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: for making a frame. A sample of 100k
+    connections is half a million new dicts and lists, none in a cycle, and with
+    the collector on every object alive was walked again each time its counts
+    tripped: a third of each frame at 100k connections (measured)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Sampler:
@@ -44,7 +59,8 @@ class Sampler:
 
     def step(self) -> Frame:
         t0 = time.perf_counter()
-        frame = self.model.update(self.source.sample())
+        with collector_paused():
+            frame = self.model.update(self.source.sample())
         self.seconds = time.perf_counter() - t0
         self.frame = frame
         return frame
