@@ -140,7 +140,8 @@ class Daemon:
             log.info("serving %s://%s:%d/metrics; probes %s; ready in %.0f ms (waited %.0f ms "
                      "for the probes; owners %.0f ms; walk %.0f ms, sockets read %d)", scheme, host,
                      self.server.port, modes, (time.monotonic() - started) * 1000,
-                     took.probes_s * 1000, took.owners_s * 1000, took.walk_s * 1000, took.sockets)
+                     took.probes_s * 1000, took.walk.owners_s * 1000, took.walk.walk_s * 1000,
+                     took.walk.sockets)
             while not self.stop.wait(0.2):
                 if self.reload.is_set():
                     self.reload.clear()

@@ -82,9 +82,7 @@ class StartTimes:
     busy host is told apart from a slow kernel load."""
 
     probes_s: float  # waiting for the probes to be loaded and attached
-    owners_s: float  # the kernel putting the fd tables in its holders map
-    walk_s: float  # the walk of every socket, read and merged into the table
-    sockets: int  # rows the walk read
+    walk: Walk  # the first walk, which joined the fd tables in the kernel
 
 
 class Monitor:
@@ -137,8 +135,7 @@ class Monitor:
         self._reader = EventReader(self.probes)
         self.started_ns = time.monotonic_ns()
         probes_s = time.monotonic() - began
-        walk = self.reconcile(join_owners=True)
-        self.start_times = StartTimes(probes_s, walk.owners_s, walk.walk_s, walk.sockets)
+        self.start_times = StartTimes(probes_s, self.reconcile(join_owners=True))
 
     def close(self) -> None:
         if self.probes is not None:

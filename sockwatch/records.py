@@ -15,7 +15,7 @@ import enum
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 COMM_LEN = 16
 TCP_STATES = 14
@@ -363,11 +363,10 @@ class DecodeError(ValueError):
 _MEMBERS = tuple({m.value: m for m in enum_type} for enum_type in (Kind, Role, Result, Attrib))
 
 
-def _state_times(open_ns: int, stamps: tuple[int, ...]) -> tuple[int, ...]:
-    """``state_time`` of each stamp, with the common cases (never entered, or
-    within a second of the first state: nanoseconds) worked out inline."""
-    return tuple([0 if not stamp else open_ns + stamp - 1 if stamp < _STAMP_SPAN
-                  else state_time(open_ns, stamp) for stamp in stamps])
+def _state_times(open_ns: int, stamps: Sequence[int]) -> tuple[int, ...]:
+    """``state_time`` of each stamp, called only for the states entered (two or
+    three of the fourteen, typically)."""
+    return tuple([state_time(open_ns, stamp) if stamp else 0 for stamp in stamps])
 
 
 def decode(raw: bytes | memoryview) -> ConnEvent:
@@ -388,7 +387,7 @@ def decode(raw: bytes | memoryview) -> ConnEvent:
     return ConnEvent(
         kind_, ts, skaddr, netns, family, _addr(family, saddr), sport, _addr(family, daddr),
         dport, state, oldstate, role_, result_, attrib_, tgid, tid, decode_comm(comm), fd, ino,
-        uid, _state_times(open_ns, tuple(rest[:TCP_STATES])), acked, received, sent,
+        uid, _state_times(open_ns, rest[:TCP_STATES]), acked, received, sent,
         retrans_bytes, bool(peer_fin), segs_out, segs_in, retrans, srtt, backlog, open_ns,
         accept_wait, rcvq_p50, rcvq_max, kind == Kind.CLOSE and bool(flags & FLAG_OPEN_HELD))
 

@@ -14,10 +14,10 @@ from typing import Any, Iterable
 from sockwatch.records import (
     TCP_CLOSE,
     TCP_ESTABLISHED,
-    TCP_SYN_SENT,
-    ConnEvent,
     TCP_STATE_NAMES,
+    TCP_SYN_SENT,
     Attrib,
+    ConnEvent,
     Kind,
     Result,
     Role,
